@@ -1,0 +1,48 @@
+"""Anchors: the one definition of anchor shapes, positions and order.
+
+Shape shorthand: ``H, W`` feature-map height and width, ``A`` anchors per location (``len(sizes) *
+len(aspect_ratios)``), ``stride`` the feature stride in input pixels (16 for ResNet-50 res4).
+
+Order: anchors are laid out ``(H, W, A)`` and flattened row-major, so anchor ``(y * W + x) * A + a`` sits at feature
+cell ``(y, x)``; within a cell, ``a = size_index * len(aspect_ratios) + ratio_index``. The RPN head's outputs
+``(B, H, W, A)`` and ``(B, H, W, A * 4)`` reshape to ``(B, H * W * A)`` and ``(B, H * W * A, 4)`` in that same order.
+
+Centres: feature cell ``(y, x)`` covers input pixels ``[x * stride, (x + 1) * stride)``, so its anchors are centred
+at ``((x + 0.5) * stride, (y + 0.5) * stride)`` in the continuous pixel coordinates of :mod:`frcnn.boxes`.
+
+Aspect ratio is ``height / width``; an anchor of size ``s`` and ratio ``r`` has area ``s**2``:
+``w = s / sqrt(r)``, ``h = s * sqrt(r)``.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+
+def cell_anchors(sizes, aspect_ratios):
+    """The ``(A, 4)`` anchors of one cell, centred at the origin, as a NumPy float32 array."""
+    out = []
+    for size in sizes:
+        for ratio in aspect_ratios:
+            w = size / np.sqrt(ratio)
+            h = size * np.sqrt(ratio)
+            out.append([-0.5 * w, -0.5 * h, 0.5 * w, 0.5 * h])
+    return np.asarray(out, dtype=np.float32)
+
+
+def num_anchors_per_location(sizes, aspect_ratios):
+    return len(sizes) * len(aspect_ratios)
+
+
+def grid_anchors(feature_height, feature_width, stride, sizes, aspect_ratios):
+    """All anchors of an ``H x W`` feature map: ``(H * W * A, 4)`` float32, in the order of the module docstring.
+
+    ``feature_height`` and ``feature_width`` may be Python ints or scalar tensors (dynamic feature sizes).
+    """
+    base = tf.constant(cell_anchors(sizes, aspect_ratios))  # (A, 4)
+    stride = tf.cast(stride, tf.float32)
+    xs = (tf.cast(tf.range(feature_width), tf.float32) + 0.5) * stride
+    ys = (tf.cast(tf.range(feature_height), tf.float32) + 0.5) * stride
+    cy, cx = tf.meshgrid(ys, xs, indexing="ij")  # (H, W)
+    centres = tf.stack([cx, cy, cx, cy], axis=-1)  # (H, W, 4)
+    anchors = centres[:, :, None, :] + base[None, None, :, :]  # (H, W, A, 4)
+    return tf.reshape(anchors, [-1, 4])
