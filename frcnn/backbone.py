@@ -1,0 +1,166 @@
+"""ResNet-50 for the C4 detector: the trunk to res4 (stride 16, 1024 channels) and the res5 stage.
+
+The network is Keras' ResNet-50 (v1: stride in the first 1x1 convolution of a stage, biases on every convolution),
+built here with exactly the layer names of ``keras.applications.ResNet50`` (``conv1_conv``, ``conv4_block6_out``,
+``conv5_block1_0_conv``, ...) so that its ImageNet weights carry over by name into both parts. Building it here,
+rather than cutting ``keras.applications.ResNet50`` apart, lets the normalisation layer be chosen:
+
+- ``frozen``: BatchNormalization with ``trainable=False``, i.e. fixed statistics and affine parameters (inference
+  mode even during training). The standard choice when fine-tuning from ImageNet at detection batch sizes.
+- ``batch``: BatchNormalization that trains. In res5, which runs per ROI, its statistics span all ROIs of the batch.
+- ``group``: GroupNormalization(32), per sample; trains from scratch at any batch size (Wu & He, 2018).
+
+Weights (``model.backbone_weights``): ``imagenet`` (Keras' own download, cached in ``~/.keras/models``), a path to
+a Keras ResNet-50 weights file (``resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5``, e.g. under ``weights/``),
+or ``none`` (random initialisation).
+"""
+
+import logging
+import os
+
+import keras
+from keras import layers
+
+log = logging.getLogger(__name__)
+
+BN_EPSILON = 1.001e-5  # keras.applications' value, so ImageNet statistics mean the same thing
+IMAGENET_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+# Per-channel means of ImageNet in BGR order: keras.applications.resnet50.preprocess_input ("caffe" mode).
+CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
+
+# Stages: (name, filters of the bottleneck, blocks, stride of the first block)
+STAGES = (("conv2", 64, 3, 1), ("conv3", 128, 4, 2), ("conv4", 256, 6, 2), ("conv5", 512, 3, 2))
+TRUNK_OUTPUT = "conv4_block6_out"
+TRUNK_CHANNELS = 1024
+RES5_CHANNELS = 2048
+
+
+class BackboneWeightsError(RuntimeError):
+    """Backbone weights that cannot be loaded; the message says which file and how to fix it."""
+
+
+def _norm(kind, name, zero_init=False):
+    gamma = "zeros" if zero_init else "ones"
+    if kind == "group":
+        return layers.GroupNormalization(groups=32, epsilon=1e-5, gamma_initializer=gamma, name=name)
+    norm = layers.BatchNormalization(axis=-1, epsilon=BN_EPSILON, gamma_initializer=gamma, name=name)
+    if kind == "frozen":
+        # Keras 3 runs a non-trainable BatchNormalization in inference mode, even inside fit().
+        norm.trainable = False
+    return norm
+
+
+def _conv(filters, kernel, name, strides=1, padding="valid"):
+    return layers.Conv2D(
+        filters, kernel, strides=strides, padding=padding, kernel_initializer="he_normal", name=name
+    )
+
+
+def _bottleneck(x, filters, stride, shortcut_conv, name, norm):
+    # Zero-initialised last norm gamma makes each residual block start as the identity: the standard trick that
+    # lets a deep ResNet train from scratch. Only for norms that train; frozen ones keep gamma = 1.
+    zero_last = norm != "frozen"
+    if shortcut_conv:
+        shortcut = _conv(4 * filters, 1, name + "_0_conv", strides=stride)(x)
+        shortcut = _norm(norm, name + "_0_bn")(shortcut)
+    else:
+        shortcut = x
+    x = _conv(filters, 1, name + "_1_conv", strides=stride)(x)
+    x = _norm(norm, name + "_1_bn")(x)
+    x = layers.Activation("relu", name=name + "_1_relu")(x)
+    x = _conv(filters, 3, name + "_2_conv", padding="same")(x)
+    x = _norm(norm, name + "_2_bn")(x)
+    x = layers.Activation("relu", name=name + "_2_relu")(x)
+    x = _conv(4 * filters, 1, name + "_3_conv")(x)
+    x = _norm(norm, name + "_3_bn", zero_init=zero_last)(x)
+    x = layers.Add(name=name + "_add")([shortcut, x])
+    return layers.Activation("relu", name=name + "_out")(x)
+
+
+def _stage(x, stage, norm):
+    name, filters, blocks, stride = stage
+    x = _bottleneck(x, filters, stride, True, f"{name}_block1", norm)
+    for i in range(2, blocks + 1):
+        x = _bottleneck(x, filters, 1, False, f"{name}_block{i}", norm)
+    return x
+
+
+def build_trunk(norm="frozen", freeze_at=2):
+    """ResNet-50 from the (already preprocessed) image to res4: ``(B, H, W, 3) -> (B, ceil(H/16), ceil(W/16), 1024)``.
+
+    ``freeze_at``: 0 trains everything, 1 freezes the stem (conv1), 2 the stem and res2, 3 also res3, 4 also res4.
+    """
+    inputs = keras.Input((None, None, 3), name="image")
+    x = layers.ZeroPadding2D(3, name="conv1_pad")(inputs)
+    x = _conv(64, 7, "conv1_conv", strides=2)(x)
+    x = _norm(norm, "conv1_bn")(x)
+    x = layers.Activation("relu", name="conv1_relu")(x)
+    x = layers.ZeroPadding2D(1, name="pool1_pad")(x)
+    x = layers.MaxPooling2D(3, strides=2, name="pool1_pool")(x)
+    for stage in STAGES[:3]:
+        x = _stage(x, stage, norm)
+    trunk = keras.Model(inputs, x, name="resnet50_res4")
+    frozen_prefixes = ("conv1", "conv2", "conv3", "conv4")[:freeze_at]
+    for layer in trunk.layers:
+        if layer.name.startswith(frozen_prefixes):
+            layer.trainable = False
+    return trunk
+
+
+def build_res5(norm="frozen"):
+    """The res5 stage (``conv5`` blocks): ``(n, P, P, 1024) -> (n, ceil(P/2), ceil(P/2), 2048)``, one ROI per sample."""
+    inputs = keras.Input((None, None, TRUNK_CHANNELS), name="roi_features")
+    return keras.Model(inputs, _stage(inputs, STAGES[3], norm), name="resnet50_res5")
+
+
+def _imagenet_source(weights):
+    """A ``keras.applications.ResNet50`` holding the requested weights, or a clear error."""
+    if weights.lower() == "imagenet":
+        cached = os.path.join(os.path.expanduser(os.environ.get("KERAS_HOME", "~/.keras")), "models", IMAGENET_FILE)
+        try:
+            return keras.applications.ResNet50(include_top=False, weights="imagenet")
+        except Exception as err:  # the download failed: no network, proxy, partial file...
+            raise BackboneWeightsError(
+                f"could not get Keras' ImageNet ResNet-50 weights ({type(err).__name__}: {err}). Offline, put "
+                f"'{IMAGENET_FILE}' (from Keras' releases) at {cached} or under weights/ and set "
+                f"model.backbone_weights to its path."
+            ) from err
+    if not os.path.isfile(weights):
+        raise BackboneWeightsError(
+            f"backbone weights file '{weights}' does not exist (model.backbone_weights: use imagenet, none or the "
+            f"path of '{IMAGENET_FILE}')"
+        )
+    try:
+        return keras.applications.ResNet50(include_top=False, weights=weights)
+    except Exception as err:  # h5py/ValueError on a truncated file or one for another architecture
+        raise BackboneWeightsError(
+            f"backbone weights file '{weights}' could not be loaded as Keras ResNet-50 (no top) weights: "
+            f"{type(err).__name__}: {err}"
+        ) from err
+
+
+def load_backbone_weights(weights, *models):
+    """Copy ResNet-50 weights into ``models`` (the trunk and res5) by layer name. Returns the number of layers set.
+
+    With ``group`` norm only convolutions and the norms' affine parameters carry over (statistics cannot).
+    """
+    if weights is None or weights.lower() == "none":
+        return 0
+    source = _imagenet_source(weights)
+    by_name = {layer.name: layer for layer in source.layers if layer.weights}
+    copied = 0
+    for model in models:
+        for layer in model.layers:
+            src = by_name.get(layer.name)
+            if src is None or not layer.weights:
+                continue
+            values = src.get_weights()
+            if isinstance(layer, layers.GroupNormalization):
+                values = values[:2]  # gamma, beta; BatchNorm's moving statistics have no GroupNorm counterpart
+            layer.set_weights(values)
+            copied += 1
+    expected = sum(1 for m in models for layer in m.layers if layer.weights)
+    if copied != expected:
+        raise BackboneWeightsError(f"backbone weights '{weights}' set {copied} of {expected} layers")
+    log.info("loaded backbone weights '%s' into %d layers", weights, copied)
+    return copied
