@@ -239,7 +239,8 @@ def coco_evaluate(coco_gt, results):
     iou50 = int(np.argmin(np.abs(np.asarray(params.iouThrs) - 0.5)))
     per_class, per_class50 = {}, {}
     for k, cat_id in enumerate(params.catIds):
-        name = coco_gt.loadCats(cat_id)[0]["name"]
+        # evaluate() turns catIds into numpy ints, which loadCats() does not accept: index the dict directly.
+        name = coco_gt.cats[int(cat_id)]["name"]
         per_class[name] = _mean_valid(precision[:, :, k, area_all, max_dets])
         per_class50[name] = _mean_valid(precision[iou50, :, k, area_all, max_dets])
     metrics["per_class_AP"] = per_class

@@ -1,0 +1,248 @@
+"""Training: distribution strategy, optimizer and learning-rate schedule, checkpoints that survive any interruption.
+
+Work directory layout (``--workdir``)::
+
+    config.yaml                 resolved config (YAML), enough to rebuild the model without guessing
+    checkpoints/last.weights.h5 model + optimizer state, written every ``checkpoint_every`` steps and each epoch
+    checkpoints/state.json      {"epoch", "global_step", "best", ...} for the last checkpoint
+    checkpoints/best.weights.h5 model (+ optimizer) at the best validation AP so far
+    logs/                       TensorBoard
+
+Every file is written to a temporary name in the same folder and renamed over the old one, so a run killed at any
+moment (even SIGKILL) leaves the previous complete checkpoint in place; starting the same command again resumes
+from it with the same epoch, global step and optimizer state (the data order of the resumed epoch differs).
+"""
+
+import json
+import logging
+import math
+import os
+import tempfile
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+LAST_WEIGHTS = "last.weights.h5"
+BEST_WEIGHTS = "best.weights.h5"
+STATE_FILE = "state.json"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a NaN loss, a checkpoint that does not fit the model); the message says why."""
+
+
+# ------------------------------------------------------------------------------------------------ distribution
+
+
+def make_strategy(name):
+    """``default`` (one device), ``mirrored`` (all local GPUs) or ``multi_worker`` (machines from ``TF_CONFIG``)."""
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        if "TF_CONFIG" not in os.environ:
+            raise TrainingError("train.strategy=multi_worker needs the TF_CONFIG environment variable (see README)")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise TrainingError(f"unknown train.strategy '{name}'")
+
+
+def is_chief(strategy=None):
+    """True on the worker that writes checkpoints and logs (always true outside multi-worker training)."""
+    strategy = strategy or tf.distribute.get_strategy()
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    return resolver.task_type == "chief" or (resolver.task_type == "worker" and resolver.task_id == 0)
+
+
+# --------------------------------------------------------------------------------------- optimizer and schedule
+
+
+@keras.saving.register_keras_serializable(package="frcnn")
+class WarmupStepDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up from ``base_lr * warmup_factor`` to ``base_lr`` over ``warmup_steps``, then step decay:
+    the rate is multiplied by ``gamma`` at each step in ``boundaries``."""
+
+    def __init__(self, base_lr, warmup_steps, warmup_factor, boundaries, gamma):
+        self.base_lr = float(base_lr)
+        self.warmup_steps = int(warmup_steps)
+        self.warmup_factor = float(warmup_factor)
+        self.boundaries = [int(b) for b in boundaries]
+        self.gamma = float(gamma)
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        decays = tf.add_n([tf.cast(step >= b, tf.float32) for b in self.boundaries]) if self.boundaries else 0.0
+        lr = self.base_lr * tf.pow(self.gamma, decays)
+        if self.warmup_steps > 0:
+            alpha = tf.minimum(step / self.warmup_steps, 1.0)
+            lr = lr * (self.warmup_factor * (1.0 - alpha) + alpha)
+        return lr
+
+    def get_config(self):
+        return {
+            "base_lr": self.base_lr,
+            "warmup_steps": self.warmup_steps,
+            "warmup_factor": self.warmup_factor,
+            "boundaries": self.boundaries,
+            "gamma": self.gamma,
+        }
+
+
+def learning_rate(cfg):
+    """The base rate for ``train.batch_size`` (linear scaling rule from ``reference_batch_size``)."""
+    t = cfg.train
+    return t.lr * t.batch_size / t.reference_batch_size if t.scale_lr else t.lr
+
+
+def make_optimizer(cfg, steps_per_epoch):
+    t = cfg.train
+    schedule = WarmupStepDecay(
+        learning_rate(cfg),
+        t.warmup_steps,
+        t.warmup_factor,
+        [e * steps_per_epoch for e in t.lr_decay_epochs],
+        t.lr_gamma,
+    )
+    common = {"global_clipnorm": t.clip_norm, "weight_decay": t.weight_decay or None}
+    if t.optimizer == "sgd":
+        opt = keras.optimizers.SGD(schedule, momentum=t.momentum, **common)
+    else:
+        opt = keras.optimizers.Adam(schedule, **common)
+    if t.weight_decay:
+        # Decay only the kernels, as is usual for detectors: biases and normalisation parameters are left alone.
+        opt.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    return opt
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def atomic_save_weights(model, path):
+    """``model.save_weights`` (model and optimizer variables) to a temporary file, then rename over ``path``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".weights.h5")
+    os.close(fd)
+    try:
+        model.save_weights(tmp, overwrite=True)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_json(obj, path):
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_state(checkpoint_dir):
+    """The last checkpoint's state dict, or None when there is no complete checkpoint."""
+    path = os.path.join(checkpoint_dir, STATE_FILE)
+    if not (os.path.isfile(path) and os.path.isfile(os.path.join(checkpoint_dir, LAST_WEIGHTS))):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise TrainingError(f"checkpoint state '{path}' is unreadable ({err}); move it away to start afresh") from err
+
+
+class CheckpointManager(keras.callbacks.Callback):
+    """Writes ``last`` every ``every_steps`` steps and at each epoch end, and ``best`` when ``monitor`` improves.
+
+    Weights and ``state.json`` are each replaced atomically; the state is written after the weights, so a state
+    always describes weights that are fully on disk. Nothing is written after a non-finite loss.
+    """
+
+    def __init__(self, checkpoint_dir, steps_per_epoch, every_steps=0, monitor="val_AP", best=None, chief=True):
+        super().__init__()
+        self.checkpoint_dir = checkpoint_dir
+        self.steps_per_epoch = steps_per_epoch
+        self.every_steps = every_steps
+        self.monitor = monitor
+        self.best = best
+        self.chief = chief
+        self._epoch = 0
+
+    def global_step(self):
+        return int(self.model.optimizer.iterations.numpy())
+
+    def save(self, reason="", epoch=None):
+        step = self.global_step()
+        epoch = step // self.steps_per_epoch if epoch is None else epoch
+        # Every replica must take part in reading distributed variables; only the chief writes.
+        if not self.chief:
+            return
+        atomic_save_weights(self.model, os.path.join(self.checkpoint_dir, LAST_WEIGHTS))
+        atomic_write_json(
+            {"epoch": epoch, "global_step": step, "best": self.best, "monitor": self.monitor,
+             "steps_per_epoch": self.steps_per_epoch},
+            os.path.join(self.checkpoint_dir, STATE_FILE),
+        )
+        log.info("checkpoint saved at epoch %d, step %d%s", epoch, step, f" ({reason})" if reason else "")
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.every_steps and _finite(logs) and self.global_step() % self.every_steps == 0:
+            self.save("periodic")
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not _finite(logs):
+            return
+        value = (logs or {}).get(self.monitor)
+        if value is not None and np.isfinite(value) and (self.best is None or value > self.best):
+            self.best = float(value)
+            if self.chief:
+                atomic_save_weights(self.model, os.path.join(self.checkpoint_dir, BEST_WEIGHTS))
+                log.info("new best %s = %.4f at epoch %d", self.monitor, value, epoch + 1)
+        self.save("end of epoch", epoch=epoch + 1)
+
+
+def _finite(logs):
+    loss = (logs or {}).get("loss")
+    return loss is None or bool(np.isfinite(loss))
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stops training at the first NaN or infinite loss, naming the epoch and step; the last checkpoint stays."""
+
+    def __init__(self):
+        super().__init__()
+        self._epoch = 0
+        self.message = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(loss):
+            step = int(self.model.optimizer.iterations.numpy())
+            terms = ", ".join(f"{k}={float(v):.4g}" for k, v in logs.items())
+            self.message = (
+                f"non-finite loss at epoch {self._epoch + 1}, batch {batch + 1} (global step {step}): {terms}. "
+                "Training stopped; the last good checkpoint is kept. Lower train.lr or set train.clip_norm."
+            )
+            self.model.stop_training = True
+
+
+def steps_per_epoch(cfg, num_train_images):
+    """One pass over the training images at the global batch size, capped by ``train.steps_per_epoch``."""
+    steps = max(1, math.ceil(num_train_images / cfg.train.batch_size))
+    return min(steps, cfg.train.steps_per_epoch) if cfg.train.steps_per_epoch else steps
