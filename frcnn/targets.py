@@ -25,7 +25,8 @@ Randomness
 ----------
 Sampling draws uniform keys. With ``seed=None`` the global TensorFlow generator is used (``tf.random.uniform``);
 with a ``(2,)`` integer seed (e.g. ``keras.random.SeedGenerator().next()``) the stateless op is used, so a seed
-that changes every step gives reproducible training. Both work in ``tf.function`` and XLA.
+that changes every step gives reproducible training. Both work in ``tf.function`` and XLA (where the stateful op
+ignores the global seed, so only a stateless seed makes XLA runs repeatable).
 """
 
 import tensorflow as tf
@@ -98,7 +99,7 @@ def _uniform_keys(shape, seed):
         return tf.random.uniform(shape, dtype=tf.float32)
     if isinstance(seed, int):
         seed = (seed, 0)
-    return tf.random.stateless_uniform(shape, seed=tf.cast(seed, tf.int32), dtype=tf.float32)
+    return tf.random.stateless_uniform(shape, seed=tf.cast(seed, tf.int64), dtype=tf.float32)
 
 
 def _take_random(mask, count, keys, max_count):
