@@ -1,0 +1,258 @@
+"""``shapes``: the embedded synthetic dataset (no download), written once to disk in the Pascal VOC layout.
+
+Each image is a textured, noisy background (a low-saturation colour, a gradient, low-frequency ripples, pixel noise)
+with ``0..max_objects`` filled shapes of three classes, :data:`SHAPE_CLASSES`, in saturated colours that say
+nothing about the class. Objects measure about ``24..112`` px at ``image_size = 256`` (scaled with the image size),
+which suits anchors of ``32..128`` px. Objects may overlap a little, but every object keeps at least 60% of its area
+visible and no two boxes overlap with IoU above 0.3. Boxes are the exact extent of each object's VISIBLE pixels.
+One image in 25 has no object at all (background-only images are valid training data).
+
+Everything is a function of :class:`frcnn.config.SyntheticConfig` (seed, sizes, counts) and the split names: each
+image has its own random generator seeded by ``(seed, split, index)``, so the files are identical on every machine.
+Generation writes into a temporary directory beside ``data.root`` and renames it into place, so an interrupted run
+never leaves a half dataset; a ``shapes.json`` manifest records the parameters and is checked before re-use.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+from frcnn.data.records import DataError, logger
+
+SHAPE_CLASSES = ("circle", "square", "triangle")
+MANIFEST = "shapes.json"
+_VERSION = 1
+_EMPTY_EVERY = 25  # image i of a split has no object when i % 25 == 12 (4% of images)
+_PALETTE = np.array([
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+    (145, 30, 180), (70, 240, 240), (240, 50, 230), (250, 250, 250), (20, 20, 20),
+], dtype=np.float32)  # RGB
+
+
+def _params(cfg):
+    s = cfg.data.synthetic
+    return {
+        "version": _VERSION,
+        "image_size": s.image_size,
+        "num_train": s.num_train,
+        "num_val": s.num_val if cfg.data.val_split else 0,
+        "max_objects": s.max_objects,
+        "seed": s.seed,
+        "train_split": cfg.data.train_split,
+        "val_split": cfg.data.val_split,
+        "classes": list(SHAPE_CLASSES),
+    }
+
+
+def _background(rng, size):
+    # Separable terms (outer products) instead of full-size trigonometry: generation stays well under 10 ms/image.
+    t = np.arange(size, dtype=np.float32) / size - 0.5
+    grey = rng.uniform(70, 190)
+    tint = rng.uniform(-25, 25, size=3).astype(np.float32)
+    gx, gy = rng.uniform(-40, 40, size=2)
+    field = (gy * t)[:, None] + (gx * t)[None, :]
+    for _ in range(3):  # low-frequency ripples sin(2 pi (fx x + fy y) + phase): texture to learn to ignore
+        fx, fy = rng.uniform(1, 8, size=2)
+        phase = rng.uniform(0, 2 * np.pi)
+        amp = rng.uniform(4, 14)
+        ax, ay = 2 * np.pi * fx * t, 2 * np.pi * fy * t + phase
+        field += amp * (np.sin(ay)[:, None] * np.cos(ax)[None, :] + np.cos(ay)[:, None] * np.sin(ax)[None, :])
+    base = field[:, :, None] + (grey + tint)[None, None, :]
+    base += rng.standard_normal(size=base.shape, dtype=np.float32) * 10.0
+    return base
+
+
+def _shape_mask(rng, cls, size, cx, cy, extent):
+    import cv2
+
+    mask = np.zeros((size, size), np.uint8)
+    r = extent / 2.0
+    if cls == 0:  # circle
+        cv2.circle(mask, (int(round(cx)), int(round(cy))), int(round(r)), 1, -1)
+        return mask
+    angle = rng.uniform(0, 2 * np.pi)
+    if cls == 1:  # square: corners at radius r / sqrt(2) * sqrt(2) = r; rotated by a random angle
+        angles = angle + np.array([0.25, 0.75, 1.25, 1.75]) * np.pi
+        radius = r
+    else:  # triangle: roughly equilateral, random rotation
+        angles = angle + np.array([0.0, 2.0 / 3.0, 4.0 / 3.0]) * np.pi + rng.uniform(-0.15, 0.15, 3)
+        radius = r
+    pts = np.stack([cx + radius * np.cos(angles), cy + radius * np.sin(angles)], axis=1)
+    cv2.fillPoly(mask, [np.round(pts).astype(np.int32)], 1)
+    return mask
+
+
+def _iou(a, b):
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _bbox(mask):
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    return (float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1))
+
+
+def render_image(rng, size, max_objects, empty):
+    """One synthetic image: ``(uint8 RGB image, [(class index 0..2, (x1, y1, x2, y2))])``."""
+    image = _background(rng, size)
+    labels = np.zeros((size, size), np.int32)  # 0 = background, k = object k (1-based); later objects on top
+    full_areas = []
+    objects = []  # (cls, colour)
+    n = 0 if empty else int(rng.integers(1, max_objects + 1))
+    lo, hi = 24.0 * size / 256.0, 112.0 * size / 256.0
+    for _ in range(n):
+        for _attempt in range(30):
+            cls = int(rng.integers(len(SHAPE_CLASSES)))
+            extent = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+            margin = extent / 2.0 + 1
+            cx, cy = rng.uniform(margin, size - margin, size=2)
+            mask = _shape_mask(rng, cls, size, cx, cy, extent).astype(bool)
+            if mask.sum() < 16:
+                continue
+            box = _bbox(mask)
+            ok = True
+            for k in range(1, len(objects) + 1):
+                visible = np.count_nonzero((labels == k) & ~mask)
+                if visible < 0.6 * full_areas[k - 1] or _iou(_bbox(labels == k), box) > 0.3:
+                    ok = False
+                    break
+            if ok:
+                break
+        else:
+            continue  # no room left for another object
+        colour = _PALETTE[int(rng.integers(len(_PALETTE)))] + rng.uniform(-20, 20, size=3)
+        objects.append((cls, colour))
+        full_areas.append(int(mask.sum()))
+        labels[mask] = len(objects)
+    for k, (_, colour) in enumerate(objects, start=1):
+        region = labels == k
+        shade = rng.uniform(0.85, 1.1)
+        image[region] = colour * shade + rng.normal(0, 6, size=(int(region.sum()), 3))
+    image = np.clip(image, 0, 255).astype(np.uint8)
+    annotations = [(cls, _bbox(labels == k)) for k, (cls, _) in enumerate(objects, start=1)]
+    return image, annotations
+
+
+def _xml(file_name, size, annotations):
+    lines = ["<annotation>", "\t<folder>JPEGImages</folder>", f"\t<filename>{file_name}</filename>",
+             "\t<source><database>frcnn shapes (synthetic)</database></source>",
+             f"\t<size><width>{size}</width><height>{size}</height><depth>3</depth></size>",
+             "\t<segmented>0</segmented>"]
+    for cls, (x1, y1, x2, y2) in annotations:
+        # Continuous (x1, y1, x2, y2) -> VOC 1-based inclusive (x1 + 1, y1 + 1, x2, y2).
+        lines += ["\t<object>", f"\t\t<name>{SHAPE_CLASSES[cls]}</name>", "\t\t<pose>Unspecified</pose>",
+                  "\t\t<truncated>0</truncated>", "\t\t<difficult>0</difficult>",
+                  f"\t\t<bndbox><xmin>{int(x1) + 1}</xmin><ymin>{int(y1) + 1}</ymin><xmax>{int(x2)}</xmax>"
+                  f"<ymax>{int(y2)}</ymax></bndbox>", "\t</object>"]
+    lines.append("</annotation>")
+    return "\n".join(lines) + "\n"
+
+
+def _splits(params):
+    out = [(params["train_split"], 0, params["num_train"])]
+    if params["val_split"]:
+        out.append((params["val_split"], 1, params["num_val"]))
+    return out
+
+
+def _write(directory, params):
+    import cv2
+
+    for sub in ("JPEGImages", "Annotations", os.path.join("ImageSets", "Main")):
+        os.makedirs(os.path.join(directory, sub), exist_ok=True)
+    size = params["image_size"]
+    for split, split_code, count in _splits(params):
+        ids = []
+        for i in range(count):
+            rng = np.random.default_rng([params["seed"], split_code, i])
+            image, annotations = render_image(rng, size, params["max_objects"], i % _EMPTY_EVERY == 12)
+            image_id = f"{split}_{i:05d}"
+            ok, data = cv2.imencode(".jpg", image[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
+            if not ok:
+                raise DataError(f"could not encode synthetic image {image_id}")
+            with open(os.path.join(directory, "JPEGImages", image_id + ".jpg"), "wb") as f:
+                f.write(data.tobytes())
+            with open(os.path.join(directory, "Annotations", image_id + ".xml"), "w", encoding="utf-8") as f:
+                f.write(_xml(image_id + ".jpg", size, annotations))
+            ids.append(image_id)
+        with open(os.path.join(directory, "ImageSets", "Main", split + ".txt"), "w", encoding="utf-8") as f:
+            f.write("\n".join(ids) + "\n")
+    # The manifest is written last: its presence (with matching parameters) is what marks a complete dataset.
+    with open(os.path.join(directory, MANIFEST), "w", encoding="utf-8") as f:
+        json.dump({"generator": "frcnn.data.shapes", "params": params}, f, indent=1)
+
+
+def _is_complete(root, params):
+    try:
+        with open(os.path.join(root, MANIFEST), encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return False
+    if manifest.get("params") != params:
+        return False
+    for split, _, count in _splits(params):
+        for i in range(count):
+            image_id = f"{split}_{i:05d}"
+            if not (os.path.isfile(os.path.join(root, "JPEGImages", image_id + ".jpg"))
+                    and os.path.isfile(os.path.join(root, "Annotations", image_id + ".xml"))):
+                return False
+        if not os.path.isfile(os.path.join(root, "ImageSets", "Main", split + ".txt")):
+            return False
+    return True
+
+
+def ensure_shapes(cfg):
+    """Generate the shapes dataset under ``data.root`` unless a complete one with the same parameters is there.
+
+    Returns the absolute root. A root that exists but holds something else (no ``shapes.json``) is never touched:
+    that is a :class:`DataError` naming it.
+    """
+    if not isinstance(cfg.data.root, str):
+        raise DataError(f"data.format shapes takes one data.root, got {list(cfg.data.root)}")
+    if cfg.data.val_split and cfg.data.val_split == cfg.data.train_split:
+        raise DataError(f"data.train_split and data.val_split are both '{cfg.data.train_split}'")
+    root = os.path.abspath(cfg.data.root)
+    params = _params(cfg)
+    if _is_complete(root, params):
+        return root
+    if os.path.exists(root):
+        ours = os.path.isfile(os.path.join(root, MANIFEST))
+        if not ours and (not os.path.isdir(root) or os.listdir(root)):
+            raise DataError(f"data.root {root} exists but is not a generated shapes dataset (no {MANIFEST}): "
+                            "remove it or point data.root elsewhere")
+    parent = os.path.dirname(root)
+    os.makedirs(parent, exist_ok=True)
+    logger.info("generating the shapes dataset in %s (%d train, %d val images of %d px)", root,
+                params["num_train"], params["num_val"], params["image_size"])
+    tmp = tempfile.mkdtemp(prefix=".shapes-tmp-", dir=parent)
+    old = None
+    try:
+        _write(tmp, params)
+        if os.path.exists(root):  # a stale or incomplete generated dataset, or an empty directory
+            old = tempfile.mkdtemp(prefix=".shapes-old-", dir=parent)
+            os.rename(root, os.path.join(old, "data"))
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            if not _is_complete(root, params):  # another process did not just finish the same work
+                raise
+    finally:
+        for leftover in (tmp, old):
+            if leftover and os.path.exists(leftover):
+                shutil.rmtree(leftover, ignore_errors=True)
+    return root
+
+
+def shapes_config(cfg):
+    """``cfg`` with ``data.classes`` set to the shapes classes (when not given)."""
+    if cfg.data.classes is not None:
+        return cfg
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, classes=SHAPE_CLASSES))
