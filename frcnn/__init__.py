@@ -1,1 +1,18 @@
-"""frcnn: Faster R-CNN (ResNet-50-C4) on Keras 3 with the TensorFlow backend."""
+"""frcnn: Faster R-CNN (ResNet-50-C4) on Keras 3 with the TensorFlow backend.
+
+    import frcnn
+    cfg = frcnn.load_config("voc.yaml", overrides=["model.num_rois=64"])
+    model = frcnn.build_model(cfg)
+    detections = model.detect([image])   # list of HxWx3 uint8 RGB arrays
+"""
+
+import os as _os
+
+_os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+from frcnn.config import Config, ConfigError, load_config, save_config  # noqa: E402
+from frcnn.layers import RoiPoolingConv  # noqa: E402
+from frcnn.model import FasterRCNN, build_model  # noqa: E402
+
+__all__ = ["Config", "ConfigError", "FasterRCNN", "RoiPoolingConv", "build_model", "load_config", "save_config"]
+__version__ = "0.1.0"

@@ -112,6 +112,7 @@ class TrainConfig:
     seed: int = 0
     val_every: int = 1  # run the validation evaluation every N epochs (0: never)
     val_max_images: Optional[int] = None
+    checkpoint_every: int = 500  # also save the last checkpoint every N steps (0: only at epoch ends)
     strategy: str = "default"  # default | mirrored | multi_worker
     mixed_precision: str = "off"  # off | mixed_float16 | mixed_bfloat16
     jit_compile: bool = False
@@ -417,6 +418,8 @@ def validate(cfg, source="<config>"):
         fail("train.weight_decay/momentum", "must not be negative")
     if t.val_every < 0:
         fail("train.val_every", "must be >= 0")
+    if t.checkpoint_every < 0:
+        fail("train.checkpoint_every", "must be >= 0")
     if isinstance(cfg.data.root, tuple) and not cfg.data.root:
         fail("data.root", "must not be an empty list")
     return cfg

@@ -213,9 +213,11 @@ class FasterRCNN(keras.Model):
         for start in range(0, len(images), batch_size):
             batch = self.prepare_batch(images[start:start + batch_size])
             out = self.predict_on_batch(batch)
-            for j in range(len(batch["scales"])):
+            for j, image in enumerate(images[start:start + batch_size]):
                 n = int(out["num_detections"][j])
-                boxes = np.asarray(out["boxes"][j, :n], np.float32)
+                # Clip to the original image: rounding of the resized size can put a box edge < 1 px outside.
+                h, w = image.shape[:2]
+                boxes = np.minimum(np.asarray(out["boxes"][j, :n], np.float32), [w, h, w, h])
                 classes = np.asarray(out["classes"][j, :n], np.int32)
                 results.append({
                     "boxes": boxes,

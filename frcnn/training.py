@@ -246,3 +246,22 @@ def steps_per_epoch(cfg, num_train_images):
     """One pass over the training images at the global batch size, capped by ``train.steps_per_epoch``."""
     steps = max(1, math.ceil(num_train_images / cfg.train.batch_size))
     return min(steps, cfg.train.steps_per_epoch) if cfg.train.steps_per_epoch else steps
+
+
+def load_checkpoint(model, path, with_optimizer=False):
+    """Load a ``.weights.h5`` checkpoint into ``model``; a missing, truncated or mismatched file is a clear error.
+
+    Keras checks every variable's shape, so a checkpoint made for another number of classes (or another
+    architecture) fails here instead of loading partially.
+    """
+    if not os.path.isfile(path):
+        raise TrainingError(f"checkpoint '{path}' does not exist")
+    if with_optimizer and model.optimizer is not None and not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    try:
+        model.load_weights(path)
+    except Exception as err:  # h5py OSError on a truncated file, ValueError on shape or structure mismatch
+        raise TrainingError(
+            f"checkpoint '{path}' cannot be loaded into this model ({type(err).__name__}: {err}). Is it complete, "
+            "and was it trained with the same classes and model settings (see the config.yaml next to it)?"
+        ) from err

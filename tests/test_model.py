@@ -1,0 +1,162 @@
+"""The detector: shapes, parameter counts, per-ROI independence of the head, save/reload, bad input."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import frcnn
+from frcnn import heads
+from frcnn.backbone import BackboneWeightsError, build_res5, build_trunk
+from frcnn.config import load_config
+
+CLASSES = "data.classes=[circle,square,triangle]"
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    cfg = load_config("test.yaml", [CLASSES, "model.score_thresh=0.0"])
+    return frcnn.build_model(cfg)
+
+
+@pytest.fixture(scope="module")
+def voc_model():
+    return frcnn.build_model(load_config("voc.yaml", ["model.backbone_weights=none"]))
+
+
+def test_backbone_is_keras_resnet50():
+    reference = keras.applications.ResNet50(include_top=False, weights=None)
+    trunk, res5 = build_trunk(), build_res5()
+    assert trunk.count_params() + res5.count_params() == reference.count_params()
+    ours = {layer.name for layer in trunk.layers + res5.layers if layer.weights}
+    theirs = {layer.name for layer in reference.layers if layer.weights}
+    assert ours == theirs  # every weight-bearing layer has its Keras name, so ImageNet weights map one to one
+
+
+def test_voc_roi_pooling_output_is_num_rois_14_14_1024(voc_model):
+    images = {"images": tf.zeros((1, 96, 160, 3)), "image_sizes": tf.constant([[96, 160]])}
+    features, logits, deltas, anchors = voc_model._rpn(images["images"], images["image_sizes"], False)
+    assert features.shape[-1] == 1024 and features.shape[1:3] == (6, 10)  # stride 16
+    assert anchors.shape[0] == 6 * 10 * 9 == logits.shape[1]
+    proposals, valid = voc_model.proposal_layer([logits, deltas, anchors, images["image_sizes"]], training=False)
+    pooled = voc_model.roi_pooling([features, proposals])
+    assert tuple(pooled.shape) == (1, 300, 14, 14, 1024)
+    probs, box_deltas = voc_model.roi_head(pooled)
+    assert tuple(probs.shape) == (1, 300, 21) and tuple(box_deltas.shape) == (1, 300, 80)
+    np.testing.assert_allclose(probs.numpy().sum(-1), 1.0, rtol=1e-5)
+
+
+def test_head_parameter_counts_closed_form(voc_model):
+    c, feat = 21, 2048
+    cls_dense, box_dense = voc_model.roi_head.cls.layer, voc_model.roi_head.box.layer
+    assert cls_dense.count_params() == feat * c + c
+    assert box_dense.count_params() == feat * 4 * (c - 1) + 4 * (c - 1)
+    rpn = voc_model.rpn_head
+    assert rpn.count_params() == (3 * 3 * 1024 * 1024 + 1024) + (1024 * 9 + 9) + (1024 * 36 + 36)
+    # The head's weights do not depend on how many ROIs it is applied to.
+    head = heads.ROIHead(4)
+    head(np.zeros((1, 3, 14, 14, 1024), np.float32))
+    n3 = head.count_params()
+    head(np.zeros((2, 7, 14, 14, 1024), np.float32))
+    assert head.count_params() == n3 == build_res5().count_params() + feat * 4 + 4 + feat * 12 + 12
+
+
+@pytest.mark.parametrize("norm", ["frozen", "group"])
+def test_head_processes_each_roi_on_its_own(norm):
+    head = heads.ROIHead(4, norm=norm)
+    rng = np.random.default_rng(0)
+    rois = rng.normal(size=(2, 5, 8, 8, 1024)).astype(np.float32)
+    probs, deltas = [t.numpy() for t in head(rois)]
+    perm = np.array([3, 0, 4, 1, 2])
+    p_probs, p_deltas = [t.numpy() for t in head(rois[:, perm])]
+    np.testing.assert_allclose(p_probs, probs[:, perm], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(p_deltas, deltas[:, perm], rtol=1e-4, atol=1e-6)
+    changed = rois.copy()
+    changed[:, 1:] = rng.normal(size=changed[:, 1:].shape)
+    c_probs, _ = head(changed)
+    np.testing.assert_allclose(c_probs.numpy()[:, 0], probs[:, 0], rtol=1e-4, atol=1e-6)
+    one, _ = head(rois[:1, :1])  # a batch of one ROI gives that ROI's output too
+    np.testing.assert_allclose(one.numpy()[0, 0], probs[0, 0], rtol=1e-4, atol=1e-6)
+
+
+def test_time_distributed_equals_keras_per_step_loop():
+    dense = keras.layers.Dense(3)
+    x = np.random.default_rng(0).normal(size=(2, 4, 5)).astype(np.float32)
+    ours = heads.TimeDistributed(dense)(x).numpy()
+    theirs = keras.layers.TimeDistributed(dense)(x).numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+
+
+def test_detect_outputs_in_original_pixels(tiny_model):
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (90, 170, 3), dtype=np.uint8), rng.integers(0, 255, (200, 64, 3), dtype=np.uint8)]
+    results = tiny_model.detect(images, batch_size=2)
+    assert len(results) == 2
+    for image, res in zip(images, results):
+        n = len(res["scores"])
+        assert res["boxes"].shape == (n, 4) and res["classes"].shape == (n,) and len(res["class_names"]) == n
+        assert n > 0  # score_thresh 0: a random model still ranks boxes
+        assert np.all(res["boxes"][:, [0, 2]] <= image.shape[1] + 1e-3)
+        assert np.all(res["boxes"][:, [1, 3]] <= image.shape[0] + 1e-3)
+        assert np.all(res["boxes"] >= 0)
+        assert set(res["class_names"]) <= {"circle", "square", "triangle"}
+        assert np.all(np.diff(res["scores"]) <= 1e-6)
+    # Batching does not change the answer (at equal padded size: padding itself can move a random model's ranks).
+    alone = tiny_model.detect(images[:1])[0]
+    pair = tiny_model.detect([images[0], images[0]], batch_size=2)
+    for res in pair:
+        np.testing.assert_allclose(res["boxes"], alone["boxes"], rtol=1e-4, atol=1e-2)
+        np.testing.assert_array_equal(res["classes"], alone["classes"])
+
+
+def test_detect_rejects_bad_input(tiny_model):
+    with pytest.raises(ValueError, match="non-empty list"):
+        tiny_model.detect([])
+    with pytest.raises(TypeError, match="list"):
+        tiny_model.detect(np.zeros((10, 10, 3), np.uint8))
+    with pytest.raises(TypeError, match="uint8"):
+        tiny_model.detect([np.zeros((10, 10, 3), np.float32)])
+    with pytest.raises(ValueError, match="shape"):
+        tiny_model.detect([np.zeros((10, 10), np.uint8)])
+    with pytest.raises(ValueError, match="empty"):
+        tiny_model.detect([np.zeros((0, 10, 3), np.uint8)])
+
+
+def test_save_and_reload_give_identical_detections(tmp_path):
+    # A fresh model: one whose predict function was already traced for other image sizes runs a more general
+    # graph, whose float rounding can differ in the last bit.
+    tiny_model = frcnn.build_model(load_config("test.yaml", [CLASSES, "model.score_thresh=0.0"]))
+    image = np.random.default_rng(1).integers(0, 255, (128, 128, 3), dtype=np.uint8)
+    before = tiny_model.detect([image])[0]
+    weights = str(tmp_path / "model.weights.h5")
+    tiny_model.save_weights(weights)
+    again = frcnn.build_model(tiny_model.cfg, load_weights=False)
+    again.load_weights(weights)
+    after = again.detect([image])[0]
+    np.testing.assert_array_equal(after["boxes"], before["boxes"])
+    np.testing.assert_array_equal(after["classes"], before["classes"])
+    path = str(tmp_path / "model.keras")
+    tiny_model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded, frcnn.FasterRCNN) and loaded.cfg == tiny_model.cfg
+    reloaded = loaded.detect([image])[0]
+    np.testing.assert_array_equal(reloaded["boxes"], before["boxes"])
+    np.testing.assert_array_equal(reloaded["scores"], before["scores"])
+
+
+def test_backbone_weights_from_local_file(tmp_path):
+    source = keras.applications.ResNet50(include_top=False, weights=None)
+    path = str(tmp_path / "resnet50.weights.h5")
+    source.save_weights(path)
+    cfg = load_config("test.yaml", [CLASSES, f"model.backbone_weights={path}", "model.norm=frozen"])
+    model = frcnn.build_model(cfg)
+    np.testing.assert_array_equal(model.trunk.get_layer("conv4_block6_3_conv").get_weights()[0],
+                                  source.get_layer("conv4_block6_3_conv").get_weights()[0])
+    np.testing.assert_array_equal(model.roi_head.res5.layer.get_layer("conv5_block1_0_bn").get_weights()[2],
+                                  source.get_layer("conv5_block1_0_bn").get_weights()[2])
+
+
+def test_missing_backbone_weights_file_is_a_clear_error(tmp_path):
+    cfg = load_config("test.yaml", [CLASSES, f"model.backbone_weights={tmp_path}/nope.h5"])
+    with pytest.raises(BackboneWeightsError, match="nope.h5"):
+        frcnn.build_model(cfg)
