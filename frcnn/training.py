@@ -181,9 +181,9 @@ class CheckpointManager(keras.callbacks.Callback):
     def global_step(self):
         return int(self.model.optimizer.iterations.numpy())
 
-    def save(self, reason="", epoch=None):
+    def save(self, reason=""):
         step = self.global_step()
-        epoch = step // self.steps_per_epoch if epoch is None else epoch
+        epoch = step // self.steps_per_epoch  # completed epochs (a run stopped mid-epoch resumes inside it)
         # Every replica must take part in reading distributed variables; only the chief writes.
         if not self.chief:
             return
@@ -211,7 +211,7 @@ class CheckpointManager(keras.callbacks.Callback):
             if self.chief:
                 atomic_save_weights(self.model, os.path.join(self.checkpoint_dir, BEST_WEIGHTS))
                 log.info("new best %s = %.4f at epoch %d", self.monitor, value, epoch + 1)
-        self.save("end of epoch", epoch=epoch + 1)
+        self.save("end of epoch")
 
 
 def _finite(logs):
@@ -265,3 +265,29 @@ def load_checkpoint(model, path, with_optimizer=False):
             f"checkpoint '{path}' cannot be loaded into this model ({type(err).__name__}: {err}). Is it complete, "
             "and was it trained with the same classes and model settings (see the config.yaml next to it)?"
         ) from err
+
+
+def fit_resumable(model, dataset, epochs, steps, callbacks, manager, stop_on_nan, start_step=0, verbose=1):
+    """``model.fit`` from global step ``start_step`` to ``epochs * steps``; returns the Keras histories.
+
+    ``fit`` cannot start in the middle of an epoch, so a run resumed mid-epoch first finishes that epoch with a
+    shorter ``fit`` and then runs the remaining whole epochs. Ctrl-C saves a checkpoint (via ``manager``) before the
+    ``KeyboardInterrupt`` goes on; a non-finite loss raises :class:`TrainingError` naming the step.
+    """
+    epoch, step_in_epoch = divmod(start_step, steps)
+    histories = []
+    common = {"callbacks": callbacks, "verbose": verbose, "shuffle": False}
+    try:
+        if step_in_epoch and epoch < epochs:
+            histories.append(model.fit(dataset, initial_epoch=epoch, epochs=epoch + 1,
+                                       steps_per_epoch=steps - step_in_epoch, **common))
+            epoch += 1
+        if epoch < epochs and not stop_on_nan.message:
+            histories.append(model.fit(dataset, initial_epoch=epoch, epochs=epochs, steps_per_epoch=steps, **common))
+    except KeyboardInterrupt:
+        manager.save("interrupted")
+        print(f"\ninterrupted: checkpoint saved in {manager.checkpoint_dir}; run the same command again to resume")
+        raise
+    if stop_on_nan.message:
+        raise TrainingError(stop_on_nan.message)
+    return histories

@@ -1,0 +1,158 @@
+"""Checkpointing, resumption, NaN and Ctrl-C handling of frcnn.training, on a tiny Keras model (fast).
+
+The same functions drive the detector in frcnn.engine.train; tests/test_train.py runs them on the real model.
+"""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from frcnn import training
+from frcnn.config import load_config
+
+
+def tiny_model():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="relu"), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(0.01, momentum=0.9), loss="mse")
+    return model
+
+
+def dataset(bad_step=None, n=64, same_batch=False):
+    x = np.random.default_rng(0).normal(size=(n, 3)).astype(np.float32)
+    if same_batch:
+        x[:] = x[0]
+    y = x.sum(1, keepdims=True)
+    if bad_step is not None:
+        x[bad_step] = np.nan
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(1).repeat()
+
+
+def run(model, ckpt, epochs, steps, start_step=0, every=0, extra=(), data=None):
+    stop = training.StopOnNonFiniteLoss()
+    manager = training.CheckpointManager(str(ckpt), steps, every_steps=every)
+    return training.fit_resumable(model, data or dataset(), epochs, steps, [stop, *extra, manager], manager, stop,
+                                  start_step=start_step, verbose=0), manager
+
+
+def test_warmup_step_decay_schedule():
+    sched = training.WarmupStepDecay(0.1, warmup_steps=10, warmup_factor=0.01, boundaries=[20, 30], gamma=0.1)
+    lr = [float(sched(s)) for s in (0, 5, 10, 19, 20, 29, 30, 100)]
+    np.testing.assert_allclose(lr, [0.001, 0.0505, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-5)
+    again = training.WarmupStepDecay.from_config(sched.get_config())
+    assert float(again(25)) == pytest.approx(0.01)
+
+
+def test_optimizer_from_config_scales_lr_and_skips_decay_of_norms():
+    cfg = load_config(None, ["train.batch_size=4", "train.lr=0.02", "train.reference_batch_size=16"])
+    assert training.learning_rate(cfg) == pytest.approx(0.005)
+    opt = training.make_optimizer(cfg, steps_per_epoch=100)
+    assert isinstance(opt, keras.optimizers.SGD)
+    bias = keras.Variable(np.zeros(3), name="bias")
+    kernel = keras.Variable(np.zeros(3), name="kernel")
+    gamma = keras.Variable(np.zeros(3), name="gamma")
+    opt.build([bias, kernel, gamma])
+    assert opt._use_weight_decay(kernel) and not opt._use_weight_decay(bias) and not opt._use_weight_decay(gamma)
+
+
+def test_checkpoints_are_written_atomically_with_state(tmp_path):
+    model = tiny_model()
+    run(model, tmp_path, epochs=2, steps=5, every=2)
+    state = training.read_state(str(tmp_path))
+    assert state["epoch"] == 2 and state["global_step"] == 10 and state["steps_per_epoch"] == 5
+    assert sorted(os.listdir(tmp_path)) == ["last.weights.h5", "state.json"]  # no temporary files left
+
+
+def test_resume_mid_epoch_restores_step_and_optimizer_state(tmp_path):
+    # An uninterrupted run of 3 epochs x 4 steps ...
+    full = tiny_model()
+    full.build((None, 3))
+    initial = [w.copy() for w in full.get_weights()]
+    # Every batch is the same, so only the model and optimizer state (momentum, step) can make runs differ.
+    data = dataset(same_batch=True)
+    run(full, tmp_path / "full", epochs=3, steps=4, data=data)
+    # ... and one that stops after 6 steps (mid-epoch) and is resumed from its checkpoint by a fresh model.
+    first = tiny_model()
+    first.build((None, 3))
+    first.set_weights(initial)
+    run(first, tmp_path / "split", epochs=3, steps=4, every=3, extra=[StopAt(6)], data=data)
+    state = training.read_state(str(tmp_path / "split"))
+    assert state["global_step"] == 6 and state["epoch"] == 1
+    resumed = tiny_model()
+    resumed.build((None, 3))
+    training.load_checkpoint(resumed, str(tmp_path / "split" / training.LAST_WEIGHTS), with_optimizer=True)
+    assert int(resumed.optimizer.iterations.numpy()) == 6
+    histories, _ = run(resumed, tmp_path / "split", epochs=3, steps=4, start_step=6, data=data)
+    assert [len(h.history["loss"]) for h in histories] == [1, 1]  # the rest of epoch 2, then epoch 3
+    assert int(resumed.optimizer.iterations.numpy()) == 12
+    # Restored weights and optimizer state (momentum): the same final weights as the uninterrupted run.
+    for a, b in zip(resumed.get_weights(), full.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+class StopAt(keras.callbacks.Callback):
+    def __init__(self, step):
+        super().__init__()
+        self.step = step
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) >= self.step:
+            self.model.stop_training = True
+
+
+class InterruptAt(StopAt):
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) >= self.step:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_saves_a_checkpoint(tmp_path):
+    model = tiny_model()
+    with pytest.raises(KeyboardInterrupt):
+        run(model, tmp_path, epochs=3, steps=4, extra=[InterruptAt(5)])
+    state = training.read_state(str(tmp_path))
+    assert state["global_step"] == 5
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path):
+    model = tiny_model()
+    with pytest.raises(training.TrainingError, match=r"non-finite loss at epoch 2, batch 2 \(global step 6\)"):
+        run(model, tmp_path, epochs=3, steps=4, every=1, data=dataset(bad_step=5))
+    state = training.read_state(str(tmp_path))
+    assert state["global_step"] == 5  # the checkpoint before the bad step
+    good = tiny_model()
+    good.build((None, 3))
+    training.load_checkpoint(good, str(tmp_path / training.LAST_WEIGHTS))
+    assert all(np.all(np.isfinite(w)) for w in good.get_weights())
+
+
+def test_bad_checkpoints_are_clear_errors(tmp_path):
+    model = tiny_model()
+    model.build((None, 3))
+    with pytest.raises(training.TrainingError, match="does not exist"):
+        training.load_checkpoint(model, str(tmp_path / "missing.weights.h5"))
+    other = keras.Sequential([keras.Input((3,)), keras.layers.Dense(5), keras.layers.Dense(2)])
+    path = str(tmp_path / "other.weights.h5")
+    other.save_weights(path)
+    with pytest.raises(training.TrainingError, match="other.weights.h5"):
+        training.load_checkpoint(model, path)
+    truncated = tmp_path / "truncated.weights.h5"
+    model.save_weights(str(truncated))
+    data = truncated.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(training.TrainingError, match="truncated.weights.h5"):
+        training.load_checkpoint(model, str(truncated))
+
+
+def test_unreadable_state_is_a_clear_error(tmp_path):
+    model = tiny_model()
+    model.build((None, 3))
+    model.save_weights(str(tmp_path / training.LAST_WEIGHTS))
+    (tmp_path / training.STATE_FILE).write_text("{not json")
+    with pytest.raises(training.TrainingError, match="state.json"):
+        training.read_state(str(tmp_path))
+    (tmp_path / training.STATE_FILE).write_text(json.dumps({"epoch": 1, "global_step": 3}))
+    assert training.read_state(str(tmp_path))["global_step"] == 3
