@@ -404,7 +404,9 @@ def format_report(metrics, class_names):
     """A plain-text table of :func:`evaluate`'s ``metrics``: the COCO summary numbers, then one row per class."""
 
     def fmt(v):
-        return "   -  " if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100.0 * v:6.2f}"
+        # None / nan, and pycocotools' -1 ("no ground truth in this area range"), print as a dash.
+        missing = v is None or (isinstance(v, float) and math.isnan(v)) or v == -1
+        return "   -  " if missing else f"{100.0 * v:6.2f}"
 
     lines = []
     coco_keys = [k for k in COCO_STAT_NAMES if k in metrics]

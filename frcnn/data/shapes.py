@@ -158,7 +158,8 @@ def _xml(file_name, size, annotations):
 
 def _splits(params):
     out = [(params["train_split"], 0, params["num_train"])]
-    if params["val_split"]:
+    # A validation split named like the training split (evaluating on the training images) is that same split.
+    if params["val_split"] and params["val_split"] != params["train_split"]:
         out.append((params["val_split"], 1, params["num_val"]))
     return out
 
@@ -217,8 +218,6 @@ def ensure_shapes(cfg):
     """
     if not isinstance(cfg.data.root, str):
         raise DataError(f"data.format shapes takes one data.root, got {list(cfg.data.root)}")
-    if cfg.data.val_split and cfg.data.val_split == cfg.data.train_split:
-        raise DataError(f"data.train_split and data.val_split are both '{cfg.data.train_split}'")
     root = os.path.abspath(cfg.data.root)
     params = _params(cfg)
     if _is_complete(root, params):
