@@ -1,0 +1,173 @@
+"""Evaluation files: what ``tools/evaluate.py`` writes after evaluating a model, and the scoring of such files.
+
+- :func:`evaluate_split`: run a model over a dataset split (``frcnn.engine.evaluate_records``: pycocotools on the
+  ground truth converted in memory, VOC difficult / COCO crowd boxes ignored, plus VOC07 AP) and write
+  ``metrics.json``, ``results.json`` (standard COCO results) and ``gt.json`` (the ground truth as evaluated).
+- :func:`score_results_file`: score a COCO results file against a COCO annotation file, without a model.
+
+Scoring ``results.json`` against ``gt.json`` reproduces the numbers of the evaluation that wrote them.
+"""
+
+import contextlib
+import io
+import json
+import os
+
+import numpy as np
+
+from frcnn import evaluation
+
+
+def _coco_category_ids(category_ids, num_classes):
+    """The dataset's category id of each class, or None (ids 1..C-1). A class absent from a COCO file's
+    categories (its id is None) gets a fresh id above the others, so that results can still be written."""
+    if category_ids is None:
+        return None
+    ids = list(category_ids)
+    if len(ids) != num_classes:
+        raise ValueError(f"category_ids has {len(ids)} entries for {num_classes} classes")
+    fresh = max([int(i) for i in ids if i is not None], default=0)
+    for k, cid in enumerate(ids):
+        if cid is None:
+            fresh += 1
+            ids[k] = fresh
+    return [int(i) for i in ids]
+
+
+def evaluate_split(model, cfg, split, out_dir=None, max_images=None, verbose=1):
+    """COCO-style (pycocotools) and VOC07 evaluation of ``model`` on ``split`` of the dataset ``cfg`` describes.
+
+    Returns ``(metrics, files)``. With ``out_dir``, writes there (``files`` maps each kind to its path):
+    - ``metrics.json``: :func:`frcnn.evaluation.evaluate`'s dict (the 12 COCOeval numbers, per-class AP and AP50,
+      VOC07 per-class AP50 and their mean, counts) plus ``split``, ``format`` and the two file names below;
+    - ``results.json``: the detections as a standard COCO results list (``image_id``, ``category_id``,
+      ``bbox = [x, y, w, h]`` in original pixels, ``score``), with the dataset's own category ids (COCO) and, for
+      COCO data, the dataset's image ids (``Record.source_id``), so the file can be scored against the original
+      annotation file; for VOC and shapes data ``image_id`` is the record's index in the split;
+    - ``gt.json``: the ground truth exactly as evaluated (the images read, difficult / crowd boxes as
+      ``iscrowd``), as a COCO annotation file with the same ids: ``tools/evaluate.py --results results.json
+      --annotations gt.json`` reproduces these numbers.
+    """
+    from frcnn import data as data_lib
+    from frcnn.engine import evaluate_records
+
+    records, class_names, report = data_lib.load_records(cfg, split)
+    if cfg.data.classes is not None and tuple(class_names) != tuple(cfg.data.classes):
+        raise data_lib.DataError(f"split '{split}' has the classes {list(class_names)}, the model "
+                                 f"{list(cfg.data.classes)}")
+    if not records:
+        raise data_lib.DataError(f"split '{split}' of {cfg.data.root} has no usable images"
+                                 + (f" ({len(report.skipped)} skipped)" if report.skipped else ""))
+    fmt = getattr(records, "format", None)
+    category_ids = _coco_category_ids(getattr(records, "category_ids", None), len(class_names))
+    metrics, detections = evaluate_records(model, cfg, records, class_names, category_ids, max_images, verbose)
+    metrics["split"] = split
+    metrics["format"] = fmt
+    files = {}
+    if out_dir:
+        by_id = {r.image_id: r for r in records}
+        # COCO data keeps the dataset's image ids (results then also score against the official annotations).
+        use_source = fmt == "coco" and all(isinstance(by_id[d["image_id"]].source_id, (int, np.integer))
+                                           for d in detections)
+
+        def out_id(image_id):
+            return int(by_id[image_id].source_id) if use_source else int(image_id)
+
+        evaluated = [by_id[d["image_id"]] for d in detections]
+        gt = evaluation.to_coco_ground_truth(
+            [{"image_id": out_id(r.image_id), "width": r.width, "height": r.height, "boxes": r.boxes,
+              "classes": r.classes, "ignore": r.ignore} for r in evaluated],
+            class_names, category_ids,
+        ).dataset
+        for image, record in zip(gt["images"], evaluated):  # same order: one image per record
+            image["file_name"] = os.path.basename(record.file_name)
+        results = evaluation.detections_to_coco_results(
+            [dict(d, image_id=out_id(d["image_id"])) for d in detections], category_ids)
+        files = {k: os.path.join(out_dir, k + ".json") for k in ("metrics", "results", "gt")}
+        metrics["results_file"] = os.path.abspath(files["results"])
+        metrics["gt_file"] = os.path.abspath(files["gt"])
+        evaluation.save_json(results, files["results"])
+        evaluation.save_json(gt, files["gt"])
+        evaluation.save_json(metrics, files["metrics"])
+    return metrics, files
+
+
+def _read_json_file(path, what):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{what} file '{path}' does not exist") from None
+    except OSError as err:
+        raise ValueError(f"{what} file '{path}' cannot be read ({err.strerror or err})") from None
+    except ValueError as err:
+        raise ValueError(f"{what} file '{path}' is not valid JSON ({err})") from None
+
+
+def _check_results(results, path, coco_gt):
+    if not isinstance(results, list):
+        raise ValueError(f"results file '{path}' must hold a JSON list of detections (COCO results format), "
+                         f"got {type(results).__name__}")
+    categories = set(coco_gt.getCatIds())
+    for i, r in enumerate(results):
+        if not isinstance(r, dict) or not {"image_id", "category_id", "bbox", "score"} <= set(r):
+            raise ValueError(f"results file '{path}': entry {i} is not a detection with image_id, category_id, "
+                             f"bbox and score: {str(r)[:200]}")
+        bbox = r["bbox"]
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+            raise ValueError(f"results file '{path}': entry {i} has bbox {bbox!r}, expected [x, y, w, h]")
+        if r["category_id"] not in categories:
+            raise ValueError(f"results file '{path}': entry {i} has category_id {r['category_id']}, which is not "
+                             f"among the annotation file's categories {sorted(categories)}")
+
+
+def score_results_file(results_path, annotations_path):
+    """Score a COCO results file against a COCO annotation file (no model): ``(metrics, class_names)``.
+
+    ``metrics`` has the same keys as :func:`frcnn.evaluation.evaluate`: the 12 COCOeval numbers and per-class AP
+    (pycocotools), and the VOC07 11-point AP50 per class and its mean computed on the same boxes (``iscrowd``
+    annotations are ignore regions, as VOC difficult boxes). Classes are the annotation file's categories in
+    increasing id order. Raises ``ValueError`` naming the file for unreadable or malformed input.
+    """
+    from pycocotools.coco import COCO
+
+    data = _read_json_file(annotations_path, "annotation")
+    if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= set(data):
+        raise ValueError(f"annotation file '{annotations_path}' is not a COCO annotation file (it needs 'images', "
+                         "'annotations' and 'categories')")
+    coco_gt = COCO()
+    coco_gt.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt.createIndex()
+    results = _read_json_file(results_path, "results")
+    _check_results(results, results_path, coco_gt)
+    try:
+        metrics = evaluation.coco_evaluate(coco_gt, results)
+    except ValueError as err:
+        raise ValueError(f"{results_path}: {err} (annotations: {annotations_path})") from None
+
+    cat_ids = sorted(coco_gt.getCatIds())
+    class_names = [str(coco_gt.cats[c]["name"]) for c in cat_ids]
+    class_of = {c: k for k, c in enumerate(cat_ids, start=1)}
+    records = []
+    for image in data["images"]:
+        anns = coco_gt.imgToAnns.get(image["id"], [])
+        boxes = np.asarray([a["bbox"] for a in anns], np.float64).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]  # [x, y, w, h] -> [x1, y1, x2, y2]
+        records.append({"image_id": image["id"], "width": image.get("width", 0), "height": image.get("height", 0),
+                        "boxes": boxes, "classes": [class_of[a["category_id"]] for a in anns],
+                        "ignore": [bool(a.get("iscrowd", 0)) for a in anns]})
+    per_image = {r["image_id"]: {"image_id": r["image_id"], "boxes": [], "scores": [], "classes": []}
+                 for r in records}
+    for r in results:
+        x, y, w, h = r["bbox"]
+        det = per_image[r["image_id"]]
+        det["boxes"].append([x, y, x + w, y + h])
+        det["scores"].append(r["score"])
+        det["classes"].append(class_of[r["category_id"]])
+    voc = evaluation.voc_evaluate(records, list(per_image.values()), class_names)
+    metrics["voc07_mAP50"] = voc["mAP50"]
+    metrics["voc07_per_class_AP50"] = voc["per_class_AP50"]
+    metrics["num_images"] = len(records)
+    metrics["num_detections"] = len(results)
+    return metrics, class_names

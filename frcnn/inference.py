@@ -1,0 +1,353 @@
+"""Inference with a trained detector on image files: what ``tools/infer.py`` (and ``tools/export.py``) run.
+
+- :func:`find_config` / :func:`load_trained_model`: a training work directory holds ``config.yaml`` (the resolved
+  config, with ``data.classes``) and ``checkpoints/{last,best}.weights.h5``; given the weights file, the config is
+  found beside it, the model is built without backbone weights and the checkpoint loaded. Every problem (no config,
+  a missing, empty, truncated or non-HDF5 file, a checkpoint for other classes) is a :class:`TrainingError` or
+  :class:`ConfigError` naming the file, raised before or instead of a Keras traceback.
+- :func:`expand_inputs`: files, folders (their ``.jpg .jpeg .png .bmp`` files, sorted) and glob patterns -> paths.
+- :func:`detect_files`: batches of images through :meth:`FasterRCNN.detect`, one bad file never stops the others:
+  each is reported (``on_error``) with the reason and skipped.
+- :func:`save_detections`, :func:`format_table`: the ``detections.json`` file and the printed summary.
+
+Checkpoints written by training also hold the optimizer's variables. They load into the uncompiled inference
+model as they are: Keras' ``load_weights`` walks the model's own attributes, and a model without an optimizer has
+nothing to visit under ``optimizer/``, so those variables are skipped silently (no warning, no extra memory).
+"""
+
+import dataclasses
+import glob
+import logging
+import os
+import zipfile
+
+import numpy as np
+
+from frcnn import training
+from frcnn.config import ConfigError, load_config
+from frcnn.training import TrainingError
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.yaml"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+_GLOB_CHARS = "*?["
+
+
+# -------------------------------------------------------------------------------------------- loading a model
+
+
+def find_config(weights):
+    """The ``config.yaml`` of the run that wrote ``weights``: beside it, or in its parent folder (weights live in
+    ``<workdir>/checkpoints/``). Raises :class:`ConfigError` naming the places looked at."""
+    directory = os.path.dirname(os.path.abspath(weights))
+    candidates = [os.path.join(directory, CONFIG_NAME), os.path.join(os.path.dirname(directory), CONFIG_NAME)]
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    raise ConfigError(
+        f"no {CONFIG_NAME} found for the weights '{weights}' (looked in: {', '.join(candidates)}); "
+        "pass the training run's config with --config"
+    )
+
+
+def check_weights_file(path):
+    """Fail fast, naming the file, when ``path`` cannot be a Keras checkpoint (``.weights.h5``, or a ``.keras``
+    model file): missing, a folder, empty, or not a complete HDF5 file (e.g. cut short by a full disk). Cheap:
+    HDF5 checks the file's size against its header without reading the weights."""
+    import h5py  # a Keras dependency
+
+    if not os.path.exists(path):
+        raise TrainingError(f"checkpoint '{path}' does not exist")
+    if not os.path.isfile(path):
+        raise TrainingError(f"checkpoint '{path}' is not a file")
+    if os.path.getsize(path) == 0:
+        raise TrainingError(f"checkpoint '{path}' is empty (0 bytes)")
+    if str(path).endswith(".keras"):  # a whole-model archive (model.save): load_weights reads its weights
+        if not zipfile.is_zipfile(path):
+            raise TrainingError(f"checkpoint '{path}' is not a readable .keras archive; is it complete?")
+        return
+    if not str(path).endswith(".weights.h5"):
+        raise TrainingError(f"checkpoint '{path}': expected a Keras weights file whose name ends in .weights.h5 "
+                            "(or a .keras model file)")
+    try:
+        with h5py.File(path, "r"):
+            pass
+    except OSError as err:  # h5py reports a truncated file ("truncated file: eof = ...") or a non-HDF5 file
+        raise TrainingError(f"checkpoint '{path}' is not a readable HDF5 weights file ({err}); is it complete?") \
+            from None
+
+
+def _saved_classes(weights):
+    """``data.classes`` of the config saved with ``weights`` (None when there is no readable one)."""
+    try:
+        return load_config(find_config(weights)).data.classes
+    except ConfigError:
+        return None
+
+
+def load_trained_model(weights, config=None, overrides=(), score_thresh=None):
+    """Build the detector a training run describes and load its checkpoint: ``(model, cfg, config_path)``.
+
+    ``config``: a config name or path; default :func:`find_config` (the run's resolved ``config.yaml``).
+    ``overrides``: ``key=value`` strings applied on top (e.g. ``model.max_detections=50``). ``score_thresh``: the
+    lowest score the caller wants; ``model.score_thresh`` is lowered to it when higher (this only adds
+    detections below the old threshold: the others, their NMS and their order are unchanged).
+
+    The backbone is not initialised from ImageNet (the checkpoint replaces every weight). Raises
+    :class:`ConfigError` or :class:`TrainingError` naming the file on any problem.
+    """
+    from frcnn.data import DataError, resolve_classes
+    from frcnn.model import build_model
+
+    weights = os.fspath(weights)
+    check_weights_file(weights)
+    config_path = config or find_config(weights)
+    cfg = load_config(config_path, overrides)
+    if cfg.data.classes is None:
+        try:
+            cfg = resolve_classes(cfg)
+        except DataError as err:
+            raise ConfigError(
+                f"{config_path}: data.classes is not set and cannot be read from the data ({err}); use the "
+                f"{CONFIG_NAME} saved in the training run's work directory"
+            ) from None
+    saved = _saved_classes(weights) if config else None
+    if saved is not None and len(saved) != len(cfg.data.classes):
+        raise TrainingError(
+            f"checkpoint '{weights}' was trained with {len(saved)} classes ({', '.join(saved)}) according to the "
+            f"{CONFIG_NAME} beside it, but {config_path} lists {len(cfg.data.classes)} "
+            f"({', '.join(cfg.data.classes)})"
+        )
+    if saved is not None and tuple(saved) != tuple(cfg.data.classes):
+        log.warning("%s names the classes %s, the config saved with %s names them %s; the names of %s are used",
+                    config_path, list(cfg.data.classes), weights, list(saved), config_path)
+    if score_thresh is not None and score_thresh < cfg.model.score_thresh:
+        cfg = cfg.replace(model=dataclasses.replace(cfg.model, score_thresh=float(score_thresh)))
+    model = build_model(cfg, load_weights=False)
+    training.load_checkpoint(model, weights)
+    return model, cfg, os.path.abspath(config_path)
+
+
+# ------------------------------------------------------------------------------------------------ input files
+
+
+def _folder_images(folder):
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
+    return [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
+
+
+def expand_inputs(inputs):
+    """Files, folders and glob patterns -> ``(paths, problems)``.
+
+    A folder gives its image files (extensions :data:`IMAGE_EXTENSIONS`, any case, not recursive) in sorted order;
+    a pattern (with ``* ? [``, and not an existing file) gives its sorted matches (``**`` recurses), folders among
+    them expanded as above; anything else is taken as a file path, even if missing (reading it reports the
+    problem). Each path appears once, at its first position. ``problems``: ``(input, message)`` for folders
+    without images and patterns without matches.
+    """
+    paths, problems, seen = [], [], set()
+
+    def add(path):
+        key = os.path.normcase(os.path.abspath(path))
+        if key not in seen:
+            seen.add(key)
+            paths.append(path)
+
+    for item in inputs:
+        item = os.fspath(item)
+        if os.path.isdir(item):
+            found = _folder_images(item)
+            if not found:
+                problems.append((item, f"folder {item} holds no {'/'.join(IMAGE_EXTENSIONS)} images"))
+            for path in found:
+                add(path)
+        elif not os.path.exists(item) and any(c in item for c in _GLOB_CHARS):
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                problems.append((item, f"no files match '{item}'"))
+            for match in matches:
+                for path in (_folder_images(match) if os.path.isdir(match) else [match]):
+                    add(path)
+        else:
+            add(item)
+    return paths, problems
+
+
+# ------------------------------------------------------------------------------------------------- detection
+
+
+@dataclasses.dataclass
+class ImageDetections:
+    """Detections of one image file, at or above the score threshold, boxes ``(x1, y1, x2, y2)`` in its pixels."""
+
+    file: str
+    width: int
+    height: int
+    boxes: np.ndarray  # (N, 4) float32
+    scores: np.ndarray  # (N,) float32
+    class_ids: np.ndarray  # (N,) int32 in 1..C-1
+    class_names: list
+    output: str = None  # the annotated image, when written
+
+    def to_json(self):
+        return {
+            "file": self.file,
+            "width": self.width,
+            "height": self.height,
+            "boxes": [[float(v) for v in box] for box in self.boxes],
+            "scores": [float(s) for s in self.scores],
+            "classes": list(self.class_names),
+            "class_ids": [int(c) for c in self.class_ids],
+            "output": self.output,
+        }
+
+
+def _read(path):
+    """``(image, None)`` or ``(None, message)``; the message names the file."""
+    from frcnn.data import DataError, load_image
+
+    try:
+        image = load_image(path)
+    except DataError as err:
+        return None, str(err)
+    except OSError as err:  # e.g. no permission to read, a folder given as a file
+        return None, f"cannot read image {path}: {err.strerror or err}"
+    if image.ndim != 3 or image.shape[0] == 0 or image.shape[1] == 0:
+        return None, f"cannot use image {path}: it has no pixels (shape {image.shape})"
+    return image, None
+
+
+def _output_name(path, used):
+    stem, ext = os.path.splitext(os.path.basename(path))
+    ext = ext.lower() if ext.lower() in IMAGE_EXTENSIONS else ".png"
+    name, k = stem + ext, 1
+    while name.lower() in used:  # two inputs with the same file name (different folders): keep both
+        k += 1
+        name = f"{stem}_{k}{ext}"
+    used.add(name.lower())
+    return name
+
+
+def _detect(model, images, batch_size, paths, on_error):
+    """``model.detect`` on a batch; if the batch fails (e.g. out of memory on a huge image), image by image so
+    that only the image at fault is lost. Returns one result or None per image."""
+    import tensorflow as tf
+
+    try:
+        return model.detect(images, batch_size=batch_size)
+    except tf.errors.OpError as err:
+        if len(images) == 1:
+            on_error(paths[0], f"detection failed on image {paths[0]}: {type(err).__name__}: {err}")
+            return [None]
+    out = []
+    for image, path in zip(images, paths):
+        out.extend(_detect(model, [image], 1, [path], on_error))
+    return out
+
+
+def detect_files(model, paths, batch_size=None, score_thresh=0.0, out_dir=None, on_error=None, on_result=None):
+    """Detect objects in image files: ``(results, failures)``.
+
+    Images are read one batch at a time (memory stays bounded for any number of files) with
+    :func:`frcnn.data.load_image` (EXIF orientation applied, grayscale and RGBA become RGB). A file that cannot be
+    read or processed is reported through ``on_error(path, message)`` and skipped. ``results``: one
+    :class:`ImageDetections` per image in input order, keeping detections with ``score >= score_thresh``; with
+    ``out_dir`` each image is also written there with its boxes, class names and scores drawn (same file name;
+    ``_2``, ``_3``... on a name clash). ``failures``: ``(path, message)`` pairs. ``on_result(result)`` is called
+    as each image is done.
+    """
+    from frcnn.visualize import draw_detections, save_image
+
+    batch_size = batch_size or model.cfg.eval.batch_size
+    results, failures, used = [], [], set()
+
+    def fail(path, message):
+        failures.append((path, message))
+        if on_error is not None:
+            on_error(path, message)
+
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+    for start in range(0, len(paths), batch_size):
+        loaded = []
+        for path in paths[start:start + batch_size]:
+            image, problem = _read(path)
+            if problem:
+                fail(path, problem)
+            else:
+                loaded.append((path, image))
+        if not loaded:
+            continue
+        images = [image for _, image in loaded]
+        batch_paths = [path for path, _ in loaded]
+        for (path, image), det in zip(loaded, _detect(model, images, batch_size, batch_paths, fail)):
+            if det is None:
+                continue
+            keep = det["scores"] >= score_thresh
+            result = ImageDetections(
+                file=path,
+                width=int(image.shape[1]),
+                height=int(image.shape[0]),
+                boxes=det["boxes"][keep],
+                scores=det["scores"][keep],
+                class_ids=det["classes"][keep],
+                class_names=[n for n, k in zip(det["class_names"], keep) if k],
+            )
+            if out_dir:
+                drawn = draw_detections(image, result.boxes, result.scores, result.class_ids, model.class_names)
+                target = os.path.join(out_dir, _output_name(path, used))
+                try:
+                    result.output = save_image(target, drawn)
+                except OSError as err:
+                    fail(path, f"cannot write the annotated image of {path}: {err}")
+                    continue
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+    return results, failures
+
+
+# ---------------------------------------------------------------------------------------------------- output
+
+
+def save_detections(path, results, failures=(), **meta):
+    """Write ``detections.json``: ``meta`` (weights, config, score threshold, classes...), ``images`` (one entry per
+    processed image: file, width, height, boxes ``[x1, y1, x2, y2]`` in original pixels, scores, class names and
+    ids, annotated output) and ``failed`` (file and reason). Atomic; strict JSON."""
+    from frcnn.evaluation import save_json
+
+    doc = dict(meta)
+    doc["images"] = [r.to_json() for r in results]
+    doc["failed"] = [{"file": p, "error": m} for p, m in failures]
+    save_json(doc, path)
+    return path
+
+
+def top_classes(result, k=3):
+    """``'circle x2 (0.91), square (0.40)'``: the ``k`` most frequent classes with their best score."""
+    stats = {}
+    for name, score in zip(result.class_names, result.scores):
+        count, best = stats.get(name, (0, 0.0))
+        stats[name] = (count + 1, max(best, float(score)))
+    ranked = sorted(stats.items(), key=lambda item: (-item[1][0], -item[1][1], item[0]))
+    parts = [f"{name}{f' x{count}' if count > 1 else ''} ({best:.2f})" for name, (count, best) in ranked[:k]]
+    if len(ranked) > k:
+        parts.append(f"+{len(ranked) - k} more")
+    return ", ".join(parts)
+
+
+def format_table(results):
+    """One line per image: file, number of detections, top classes."""
+    if not results:
+        return "no image processed"
+    files = [r.file for r in results]
+    width = min(max(len("file"), *(len(f) for f in files)), 60)
+
+    def short(name):
+        return name if len(name) <= width else "..." + name[-(width - 3):]
+
+    lines = [f"{'file':<{width}}  {'#det':>5}  top classes", "-" * (width + 20)]
+    for r in results:
+        lines.append(f"{short(r.file):<{width}}  {len(r.scores):>5}  {top_classes(r) or '-'}")
+    return "\n".join(lines)

@@ -1,0 +1,108 @@
+"""COCO-style (pycocotools) and Pascal VOC07 evaluation.
+
+Evaluate a trained model on a dataset split:
+
+    python tools/evaluate.py --weights W [--config C] [--split val] [--out DIR] [--max-images N]
+                             [--set key=value ...] [--quiet]
+
+Score an existing COCO results file against a COCO annotation file (no model):
+
+    python tools/evaluate.py --results R.json --annotations GT.json [--out DIR]
+
+Prints the 12 COCOeval numbers and a per-class table (COCO AP, AP50, VOC07 11-point AP50) and writes
+metrics.json to --out; a model evaluation also writes results.json (COCO results format) and gt.json (the ground
+truth as evaluated, COCO format) so the detections can be scored again. The config defaults to the run's
+config.yaml beside the weights, the split to data.val_split. Exit code 0 on success, 2 on an error.
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", help="checkpoint to evaluate, e.g. runs/voc/checkpoints/best.weights.h5")
+    parser.add_argument("--config", help="config name or path (default: the config.yaml saved with the weights)")
+    parser.add_argument("--split", help="dataset split (default: data.val_split of the config)")
+    parser.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set data.root=/data/VOC2007 (repeatable)")
+    parser.add_argument("--results", help="a COCO results JSON to score (with --annotations, no model)")
+    parser.add_argument("--annotations", help="the COCO annotation JSON to score --results against")
+    parser.add_argument("--out", default=os.path.join("runs", "evaluate"),
+                        help="output folder for metrics.json (and results.json, gt.json) (default: runs/evaluate)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.results or args.annotations:
+        if not (args.results and args.annotations):
+            parser.error("--results and --annotations go together")
+        extra = [name for name in ("weights", "config", "split", "max_images") if getattr(args, name) is not None]
+        if extra or args.overrides:
+            parser.error("--results/--annotations score a file without a model; drop "
+                         + ", ".join("--" + n.replace("_", "-") for n in extra + (["set"] if args.overrides else [])))
+    elif not args.weights:
+        parser.error("give --weights (evaluate a model) or --results and --annotations (score a results file)")
+    if args.max_images is not None and args.max_images < 1:
+        parser.error(f"--max-images must be positive, got {args.max_images}")
+    return args
+
+
+def _score_file(args):
+    from frcnn import eval_files, evaluation
+
+    try:
+        metrics, class_names = eval_files.score_results_file(args.results, args.annotations)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    metrics["results_file"] = os.path.abspath(args.results)
+    metrics["annotation_file"] = os.path.abspath(args.annotations)
+    path = os.path.join(args.out, "metrics.json")
+    evaluation.save_json(metrics, path)
+    print(evaluation.format_report(metrics, class_names))
+    print(f"metrics: {path}")
+    return 0
+
+
+def _evaluate_model(args):
+    from frcnn import eval_files, evaluation, inference
+    from frcnn.config import ConfigError
+    from frcnn.data import DataError
+    from frcnn.training import TrainingError
+
+    try:
+        model, cfg, _ = inference.load_trained_model(args.weights, args.config, args.overrides)
+        split = args.split or cfg.data.val_split
+        if not split:
+            raise ConfigError("data.val_split is not set in the config; name the split with --split")
+        metrics, files = eval_files.evaluate_split(model, cfg, split, args.out, args.max_images,
+                                               verbose=0 if args.quiet else 1)
+    except (ConfigError, DataError, TrainingError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(evaluation.format_report(metrics, model.class_names[1:]))
+    print(f"split '{split}': {metrics['num_images']} images, {metrics['num_detections']} detections")
+    for kind, path in files.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _score_file(args) if args.results else _evaluate_model(args)
+    except KeyboardInterrupt:
+        return 130
+    except OSError as err:  # the output folder cannot be written
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
