@@ -4,18 +4,19 @@ The dataclass defaults below are the single source of default values; ``configs/
 comment per key (a test keeps the two equal). An experiment file overrides a few keys, optionally on top of another
 file named by ``_base_``. Unknown keys and wrong types are errors that name the key and the file.
 
-This module imports nothing from ``frcnn``: everything else reads a :class:`Config`, and only
+This module imports nothing from ``frcnn`` but the stdlib-only ``fileio``: everything else reads a :class:`Config`, and only
 ``frcnn.model.build_model`` turns one into a model.
 """
 
 import dataclasses
 import os
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from typing import Optional, Tuple, Union
 
 import yaml
+
+from frcnn.fileio import atomic_path
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -316,17 +317,9 @@ def load_config(name_or_path=None, overrides=()):
 
 def save_config(cfg, path):
     """Write the resolved config as YAML, atomically (temporary file, then rename)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".config-", suffix=".yaml")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with atomic_path(path, ".yaml") as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 # --------------------------------------------------------------------------------------------------- validation

@@ -42,7 +42,7 @@ def detect_records(model, cfg, records, max_images=None, verbose=1):
             w, h = by_id[image_id].width, by_id[image_id].height
             detections.append({
                 "image_id": image_id,
-                "boxes": np.minimum(np.asarray(out["boxes"][j, :n], np.float32), [w, h, w, h]),
+                "boxes": np.minimum(np.asarray(out["boxes"][j, :n], np.float32), np.float32([w, h, w, h])),
                 "scores": np.asarray(out["scores"][j, :n], np.float32),
                 "classes": np.asarray(out["classes"][j, :n], np.int32),
             })

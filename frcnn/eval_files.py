@@ -18,22 +18,6 @@ import numpy as np
 from frcnn import evaluation
 
 
-def _coco_category_ids(category_ids, num_classes):
-    """The dataset's category id of each class, or None (ids 1..C-1). A class absent from a COCO file's
-    categories (its id is None) gets a fresh id above the others, so that results can still be written."""
-    if category_ids is None:
-        return None
-    ids = list(category_ids)
-    if len(ids) != num_classes:
-        raise ValueError(f"category_ids has {len(ids)} entries for {num_classes} classes")
-    fresh = max([int(i) for i in ids if i is not None], default=0)
-    for k, cid in enumerate(ids):
-        if cid is None:
-            fresh += 1
-            ids[k] = fresh
-    return [int(i) for i in ids]
-
-
 def evaluate_split(model, cfg, split, out_dir=None, max_images=None, verbose=1):
     """COCO-style (pycocotools) and VOC07 evaluation of ``model`` on ``split`` of the dataset ``cfg`` describes.
 
@@ -59,7 +43,9 @@ def evaluate_split(model, cfg, split, out_dir=None, max_images=None, verbose=1):
         raise data_lib.DataError(f"split '{split}' of {cfg.data.root} has no usable images"
                                  + (f" ({len(report.skipped)} skipped)" if report.skipped else ""))
     fmt = getattr(records, "format", None)
-    category_ids = _coco_category_ids(getattr(records, "category_ids", None), len(class_names))
+    category_ids = getattr(records, "category_ids", None)
+    if category_ids is not None:
+        category_ids = evaluation.category_id_list(len(class_names), category_ids)
     metrics, detections = evaluate_records(model, cfg, records, class_names, category_ids, max_images, verbose)
     metrics["split"] = split
     metrics["format"] = fmt

@@ -31,13 +31,14 @@ import io
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from frcnn.fileio import atomic_path
 
 # The 12 numbers of COCOeval.stats for iouType="bbox", in order.
 COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -87,11 +88,19 @@ def _det_arrays(detection):
     return image_id, boxes.astype(np.float64), scores.astype(np.float64), classes
 
 
-def _category_id_list(num_classes, category_ids):
+def category_id_list(num_classes, category_ids):
     """COCO category id of each class 1..num_classes, as a list (index k - 1)."""
     if category_ids is None:
         return list(range(1, num_classes + 1))
-    ids = [int(c) for c in category_ids]
+    ids = list(category_ids)
+    # A configured class that a COCO file does not list has no id (None): give it a fresh one above the others,
+    # so that its detections can still be written and scored.
+    fresh = max([int(c) for c in ids if c is not None], default=0)
+    for k, cid in enumerate(ids):
+        if cid is None:
+            fresh += 1
+            ids[k] = fresh
+    ids = [int(c) for c in ids]
     if len(ids) != num_classes:
         raise ValueError(f"category_ids has {len(ids)} entries for {num_classes} classes")
     if len(set(ids)) != len(ids):
@@ -135,7 +144,7 @@ def to_coco_ground_truth(records, class_names, category_ids=None):
     :func:`coco_evaluate` reports nan). Annotation ids start at 1: COCOeval stores the matched gt id in its match
     table and reads 0 as "unmatched", so an id of 0 would silently lose a true positive.
     """
-    cat_ids = _category_id_list(len(class_names), category_ids)
+    cat_ids = category_id_list(len(class_names), category_ids)
     images, annotations = [], []
     image_ids = []
     for record in records:
@@ -451,17 +460,6 @@ def save_json(obj, path):
 
     Numpy values become Python values and ``nan`` / ``inf`` become ``null`` (strict JSON, readable by any tool).
     """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
+    with atomic_path(os.fspath(path), ".json") as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(_jsonable(obj), f, indent=2, sort_keys=True, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

@@ -16,7 +16,7 @@ resolved config in ``assets.extra/config.yaml``.
 Preprocessing is :meth:`frcnn.model.FasterRCNN.prepare_batch` in graph ops, so an exported model gives the
 detections of ``model.detect`` (float tolerance): decode with ``channels=3`` (grayscale replicated, alpha dropped),
 one scale ``min(min_size / shorter side, max_size / longer side)`` computed in float64 as Python does, resized
-side ``max(1, round(side * scale))`` rounding half to even like Python's ``round`` (``tf.round``), bilinear
+side ``floor(side * scale + 0.5)`` kept within ``[1, max_size]`` (``frcnn.data.pipeline.resize_params``), bilinear
 ``tf.image.resize`` on float32 pixels, zero padding bottom / right to a multiple of ``input.size_divisibility`` (or
 to the fixed size with ``input.fixed_size``); boxes are divided by the scale. Not applied: the EXIF orientation
 of JPEG files (TensorFlow's decoder ignores it; ``frcnn.data.load_image`` applies it), so send upright pixels.
@@ -48,6 +48,7 @@ class DetectorModule(tf.Module):
         cfg = model.cfg.input
         self._min_size = float(cfg.min_size)
         self._max_size = float(cfg.max_size)
+        self._max_size_int = int(cfg.max_size)
         self._divisor = int(cfg.size_divisibility)
         self._fixed = int(math.ceil(cfg.max_size / cfg.size_divisibility) * cfg.size_divisibility) \
             if cfg.fixed_size else None
@@ -65,8 +66,9 @@ class DetectorModule(tf.Module):
         height = tf.cast(shape[0], tf.float64)
         width = tf.cast(shape[1], tf.float64)
         scale = tf.minimum(self._min_size / tf.minimum(height, width), self._max_size / tf.maximum(height, width))
-        new_h = tf.maximum(tf.cast(tf.round(height * scale), tf.int32), 1)
-        new_w = tf.maximum(tf.cast(tf.round(width * scale), tf.int32), 1)
+        # frcnn.data.pipeline.resize_params in graph ops: floor(side * scale + 0.5), within [1, max_size].
+        new_h = tf.clip_by_value(tf.cast(tf.floor(height * scale + 0.5), tf.int32), 1, self._max_size_int)
+        new_w = tf.clip_by_value(tf.cast(tf.floor(width * scale + 0.5), tf.int32), 1, self._max_size_int)
         size = tf.stack([new_h, new_w])
         resized = tf.image.resize(tf.cast(image, tf.float32), size)  # bilinear, no antialias: as prepare_batch
         return resized, size, tf.cast(scale, tf.float32)

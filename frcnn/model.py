@@ -14,8 +14,6 @@ forward pass runs twice. Everything a training step needs (anchor labels, ROI sa
 graph, inside ``train_step``.
 """
 
-import math
-
 import keras
 import numpy as np
 import tensorflow as tf
@@ -24,6 +22,7 @@ from keras import ops
 from frcnn import anchors as anchor_lib
 from frcnn.backbone import CAFFE_BGR_MEAN, build_trunk, load_backbone_weights
 from frcnn.config import Config, config_from_dict
+from frcnn.data.pipeline import padded_side, resize_params
 from frcnn.heads import ROIHead, RPNHead
 from frcnn.layers import DetectionLayer, ProposalLayer, RoiPoolingConv
 from frcnn.losses import roi_losses, rpn_losses
@@ -45,11 +44,6 @@ def preprocess(images, image_sizes):
     cols = tf.range(shape[2])[None, None, :] < image_sizes[:, 1][:, None, None]
     inside = tf.cast(tf.logical_and(rows, cols), tf.float32)[..., None]
     return bgr * inside
-
-
-def resize_scale(height, width, min_size, max_size):
-    """Scale that makes the shorter side ``min_size`` unless the longer would then exceed ``max_size``."""
-    return min(min_size / min(height, width), max_size / max(height, width))
 
 
 @keras.saving.register_keras_serializable(package="frcnn")
@@ -217,7 +211,7 @@ class FasterRCNN(keras.Model):
                 n = int(out["num_detections"][j])
                 # Clip to the original image: rounding of the resized size can put a box edge < 1 px outside.
                 h, w = image.shape[:2]
-                boxes = np.minimum(np.asarray(out["boxes"][j, :n], np.float32), [w, h, w, h])
+                boxes = np.minimum(np.asarray(out["boxes"][j, :n], np.float32), np.float32([w, h, w, h]))
                 classes = np.asarray(out["classes"][j, :n], np.int32)
                 results.append({
                     "boxes": boxes,
@@ -228,22 +222,20 @@ class FasterRCNN(keras.Model):
         return results
 
     def prepare_batch(self, images):
-        """Resize (shorter side ``input.min_size``, longer at most ``input.max_size``) and pad a list of images."""
+        """Resize (shorter side ``input.min_size``, longer at most ``input.max_size``) and pad a list of images,
+        exactly as the ``tf.data`` pipeline does for evaluation."""
         cfg = self.cfg.input
         resized, sizes, scales = [], [], []
         for image in images:
-            h, w = image.shape[:2]
-            s = resize_scale(h, w, cfg.min_size, cfg.max_size)
-            nh, nw = max(1, int(round(h * s))), max(1, int(round(w * s)))
+            scale, nh, nw = resize_params(image.shape[0], image.shape[1], cfg.min_size, cfg.max_size)
             resized.append(tf.image.resize(tf.convert_to_tensor(image, tf.float32), (nh, nw)).numpy())
             sizes.append((nh, nw))
-            scales.append(s)
-        div = cfg.size_divisibility
+            scales.append(scale)
         if cfg.fixed_size:
-            ph = pw = int(math.ceil(cfg.max_size / div) * div)
+            ph = pw = padded_side(cfg.size_divisibility, cfg.max_size)
         else:
-            ph = int(math.ceil(max(s[0] for s in sizes) / div) * div)
-            pw = int(math.ceil(max(s[1] for s in sizes) / div) * div)
+            ph = padded_side(cfg.size_divisibility, max(s[0] for s in sizes))
+            pw = padded_side(cfg.size_divisibility, max(s[1] for s in sizes))
         batch = np.zeros((len(images), ph, pw, 3), np.float32)
         for i, image in enumerate(resized):
             batch[i, : image.shape[0], : image.shape[1]] = image

@@ -17,11 +17,12 @@ import json
 import logging
 import math
 import os
-import tempfile
 
 import keras
 import numpy as np
 import tensorflow as tf
+
+from frcnn.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -124,29 +125,14 @@ def make_optimizer(cfg, steps_per_epoch):
 
 def atomic_save_weights(model, path):
     """``model.save_weights`` (model and optimizer variables) to a temporary file, then rename over ``path``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".weights.h5")
-    os.close(fd)
-    try:
+    with atomic_path(path, ".weights.h5") as tmp:
         model.save_weights(tmp, overwrite=True)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def atomic_write_json(obj, path):
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with atomic_path(path, ".json") as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def read_state(checkpoint_dir):
