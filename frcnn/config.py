@@ -97,7 +97,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 12
-    steps_per_epoch: Optional[int] = None  # cap on steps per epoch; None = one pass over the data
+    steps_per_epoch: Optional[int] = None  # steps per epoch (data repeats as needed); None = one pass
     batch_size: int = 2  # global batch (split across replicas)
     lr: float = 0.02  # learning rate at reference_batch_size (scaled linearly with batch_size)
     reference_batch_size: int = 16

@@ -15,6 +15,7 @@ from frcnn import data as data_lib
 from frcnn import evaluation
 from frcnn import training
 from frcnn.config import save_config
+from frcnn.fileio import remove_stale_temporaries
 from frcnn.model import build_model
 from frcnn.visualize import draw_detections, save_image
 
@@ -126,6 +127,8 @@ def train(cfg, workdir, verbose=1):
     checkpoint_dir = os.path.join(workdir, "checkpoints")
     if chief:
         save_config(cfg, os.path.join(workdir, "config.yaml"))
+    if chief:
+        remove_stale_temporaries(checkpoint_dir)  # left by a run killed while writing a checkpoint
     state = training.read_state(checkpoint_dir)
     steps = training.steps_per_epoch(cfg, len(train_records))
     if state and state.get("steps_per_epoch") not in (None, steps):

@@ -33,3 +33,13 @@ def atomic_path(path, suffix=""):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_stale_temporaries(directory):
+    """Delete the temporary files a killed writer left in ``directory``; returns how many were removed."""
+    if not os.path.isdir(directory):
+        return 0
+    stale = [name for name in os.listdir(directory) if name.startswith(".tmp-")]
+    for name in stale:
+        os.remove(os.path.join(directory, name))
+    return len(stale)

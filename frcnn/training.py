@@ -229,9 +229,11 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
 
 
 def steps_per_epoch(cfg, num_train_images):
-    """One pass over the training images at the global batch size, capped by ``train.steps_per_epoch``."""
-    steps = max(1, math.ceil(num_train_images / cfg.train.batch_size))
-    return min(steps, cfg.train.steps_per_epoch) if cfg.train.steps_per_epoch else steps
+    """``train.steps_per_epoch`` when set (the data repeats as needed), else one pass over the training images at
+    the global batch size."""
+    if cfg.train.steps_per_epoch:
+        return cfg.train.steps_per_epoch
+    return max(1, math.ceil(num_train_images / cfg.train.batch_size))
 
 
 def load_checkpoint(model, path, with_optimizer=False):
