@@ -197,6 +197,8 @@ def _coerce(value, tp, key, source):
     elif tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):  # YAML 1.1 reads a bare off / on as a boolean
+            return "on" if value else "off"
     raise ConfigError(f"{source}: key '{key}' must be {_type_name(tp)}, got {value!r}")
 
 

@@ -46,6 +46,11 @@ def preprocess(images, image_sizes):
     return bgr * inside
 
 
+def _batch_dict(data):
+    """The batch dict, also when Keras hands it over as ``(x, y, sample_weight)`` (``train_on_batch``)."""
+    return data[0] if isinstance(data, (tuple, list)) else data
+
+
 @keras.saving.register_keras_serializable(package="frcnn")
 class FasterRCNN(keras.Model):
     """ResNet-50-C4 Faster R-CNN. Build it with :func:`build_model`; ``config`` is a :class:`Config` or its dict."""
@@ -154,6 +159,7 @@ class FasterRCNN(keras.Model):
         return list(self.loss_trackers.values())
 
     def train_step(self, data):
+        data = _batch_dict(data)
         with tf.GradientTape() as tape:
             losses = self.compute_losses(data, training=True)
             total = self._total_loss(losses)
@@ -167,13 +173,13 @@ class FasterRCNN(keras.Model):
         return self._record(losses, total)
 
     def test_step(self, data):
+        data = _batch_dict(data)
         losses = self.compute_losses(data, training=False)
         return self._record(losses, self._total_loss(losses))
 
     def predict_step(self, data):
         """Detections for a batch; with ``scales`` in the batch, boxes are mapped back to original image pixels."""
-        if isinstance(data, (tuple, list)):
-            data = data[0]
+        data = _batch_dict(data)
         out = dict(self(data, training=False))
         if "scales" in data:
             scales = tf.cast(data["scales"], tf.float32)

@@ -86,3 +86,7 @@ def test_save_round_trip(tmp_path):
     assert again == cfg
     assert dataclasses.is_dataclass(again.model)
     assert not list(tmp_path.glob(".config-*"))  # no temporary file left behind
+
+
+def test_bare_off_is_read_as_the_string():
+    assert load_config(None, ["train.mixed_precision=off"]).train.mixed_precision == "off"
