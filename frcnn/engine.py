@@ -109,9 +109,15 @@ def train(cfg, workdir, verbose=1):
     Returns ``(model, result)`` where ``result`` has the final validation metrics (or None), the history and the
     path of an annotated prediction image.
     """
-    keras.utils.set_random_seed(cfg.train.seed)
+    # First, before any TensorFlow op: a multi-worker strategy configures the runtime's collectives at creation.
     strategy = training.make_strategy(cfg.train.strategy)
     chief = training.is_chief(strategy)
+    keras.utils.set_random_seed(cfg.train.seed)
+    if cfg.train.batch_size % strategy.num_replicas_in_sync:
+        raise training.TrainingError(
+            f"train.batch_size={cfg.train.batch_size} is the global batch and must be a multiple of the "
+            f"{strategy.num_replicas_in_sync} replicas of train.strategy={cfg.train.strategy}"
+        )
 
     train_records, class_names, train_report = data_lib.load_records(cfg, cfg.data.train_split)
     if cfg.data.classes is None:
@@ -131,25 +137,45 @@ def train(cfg, workdir, verbose=1):
         remove_stale_temporaries(checkpoint_dir)  # left by a run killed while writing a checkpoint
     state = training.read_state(checkpoint_dir)
     steps = training.steps_per_epoch(cfg, len(train_records))
+    # Multi-worker: every worker must resume from the same step (a shared --workdir) and cut the same epochs.
+    training.check_workers_agree(
+        strategy, [state["global_step"] if state else -1, steps, len(train_records)],
+        "the checkpoint step to resume from, the steps per epoch and the number of training images",
+    )
     if state and state.get("steps_per_epoch") not in (None, steps):
         raise training.TrainingError(
             f"{checkpoint_dir}: the checkpoint was made with {state['steps_per_epoch']} steps per epoch, this run "
             f"has {steps}; resume with the same data and train.batch_size/steps_per_epoch, or use a new --workdir"
         )
 
+    # Variables (model, optimizer) are created and restored inside the scope, so they are mirrored on every replica.
     with strategy.scope():
         model = build_model(cfg, load_weights=state is None)
-        model.compile(optimizer=training.make_optimizer(cfg, steps), jit_compile=cfg.train.jit_compile)
+        # Never Keras' whole-step XLA (refused for this model: RoIAlign and NMS have no XLA kernels);
+        # train.jit_compile compiles the trunk + RPN head and the ROI head inside the step (FasterRCNN._xla).
+        model.compile(optimizer=training.make_optimizer(cfg, steps), jit_compile=False)
         if state is not None:
             training.load_checkpoint(model, os.path.join(checkpoint_dir, training.LAST_WEIGHTS), with_optimizer=True)
             print(f"resuming from {checkpoint_dir}: epoch {state['epoch']}, global step {state['global_step']}")
+    if strategy.num_replicas_in_sync > 1:
+        print(f"{type(strategy).__name__}: {strategy.num_replicas_in_sync} replicas, global batch "
+              f"{cfg.train.batch_size}, learning rate {training.learning_rate(cfg):g}")
+    if cfg.train.jit_compile and not cfg.input.fixed_size:
+        log.warning("train.jit_compile without input.fixed_size: XLA compiles again for every new padded batch shape")
 
+    # The GLOBAL batch: fit splits it across the replicas. Under multi-worker training every worker builds the same
+    # (identically seeded) dataset and keeps its own part of each global batch (DATA sharding; there is no file
+    # list to shard by).
     dataset = data_lib.build_dataset(cfg, train_records, training=True, batch_size=cfg.train.batch_size)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    dataset = dataset.with_options(options)
     category_ids = getattr(val_records, "category_ids", None)
     stop_on_nan = training.StopOnNonFiniteLoss()
     callbacks = [stop_on_nan]
     evaluator = None
-    if val_records and cfg.train.val_every:
+    # Evaluation runs on the chief alone, on one device (FasterRCNN.predict_on_batch); the other workers go on.
+    if chief and val_records and cfg.train.val_every:
         evaluator = EvaluationCallback(cfg, val_records, class_names, category_ids, cfg.train.val_every,
                                        cfg.train.val_max_images)
         callbacks.append(evaluator)
@@ -171,15 +197,14 @@ def train(cfg, workdir, verbose=1):
         for key, values in h.history.items():
             history.setdefault(key, []).extend(float(v) for v in values)
     result = {"history": history, "metrics": None, "prediction_image": None}
-    if val_records:
+    if val_records and chief:
         metrics = evaluator.last_metrics if evaluator and evaluator.last_metrics else None
         if metrics is None:
             metrics, _ = evaluate_records(model, cfg, val_records, class_names, category_ids,
                                           cfg.train.val_max_images, verbose=verbose)
         result["metrics"] = metrics
-        if chief:
-            evaluation.save_json(metrics, os.path.join(workdir, "val_metrics.json"))
-            result["prediction_image"] = _annotate_example(model, val_records, workdir)
+        evaluation.save_json(metrics, os.path.join(workdir, "val_metrics.json"))
+        result["prediction_image"] = _annotate_example(model, val_records, workdir)
     return model, result
 
 
@@ -191,7 +216,10 @@ def _annotate_example(model, records, workdir):
         except data_lib.DataError:
             continue
         det = model.detect([image])[0]
-        drawn = draw_detections(image, det["boxes"], det["scores"], det["classes"], model.class_names)
+        # Confident detections only (at least the best three, so an early model still shows something).
+        keep = max(int(np.sum(det["scores"] >= 0.3)), min(3, len(det["scores"])))
+        drawn = draw_detections(image, det["boxes"][:keep], det["scores"][:keep], det["classes"][:keep],
+                                model.class_names)
         return save_image(os.path.join(workdir, "prediction.jpg"), drawn)
     return None
 

@@ -86,6 +86,8 @@ class RoiPoolingConv(keras.layers.Layer):
 
         # One replicated edge row / column on each side: (B, H + 2, W + 2, C).
         padded = tf.pad(features, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="SYMMETRIC")
+        if padded.dtype == tf.bfloat16:
+            padded = tf.cast(padded, tf.float32)  # CropAndResize has no bfloat16 kernel (mixed_bfloat16)
         height = tf.cast(tf.shape(features)[1], tf.float32)
         width = tf.cast(tf.shape(features)[2], tf.float32)
 

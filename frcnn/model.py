@@ -27,6 +27,7 @@ from frcnn.heads import ROIHead, RPNHead
 from frcnn.layers import DetectionLayer, ProposalLayer, RoiPoolingConv
 from frcnn.losses import roi_losses, rpn_losses
 from frcnn.targets import rpn_targets, sample_rois
+from frcnn.training import num_workers, sync_replica_gradients
 
 LOSS_NAMES = ("rpn_cls", "rpn_box", "roi_cls", "roi_box")
 
@@ -98,6 +99,30 @@ class FasterRCNN(keras.Model):
         anchors = anchor_lib.grid_anchors(shape[1], shape[2], m.feature_stride, m.anchor_sizes, m.anchor_ratios)
         return features, rpn_logits, rpn_deltas, anchors
 
+    def _roi_head(self, pooled, training):
+        return self.roi_head(pooled, training=training)
+
+    def _xla(self, name, fn):
+        """``fn``, compiled with XLA (``tf.function(jit_compile=True)``) when ``train.jit_compile`` is on.
+
+        XLA cannot compile the whole training step: ``CropAndResize`` (RoIAlign) and the NMS ops have no XLA kernel,
+        so Keras' ``compile(jit_compile=True)`` is refused for this model (``supports_jit = False`` on those layers).
+        ``train.jit_compile`` compiles the parts that can be: trunk + RPN head (``_rpn``) and the ROI head (res5 +
+        Dense), forward and backward; proposals, RoIAlign, targets and losses run as usual around them. Used by the
+        loss path only (``train_step`` / ``test_step``); inference and export are unchanged. XLA compiles once per
+        input shape: ``input.fixed_size`` avoids recompiling for every new padded batch size.
+        """
+        if not self.cfg.train.jit_compile or not self.built:
+            return fn
+        return self._function("xla_" + name, fn, jit_compile=True)
+
+    def _function(self, name, fn, jit_compile=False):
+        # Kept in __dict__, out of sight of Keras' attribute tracking and of tf.saved_model's function discovery.
+        cache = self.__dict__.setdefault("_compiled_functions", {})
+        if name not in cache:
+            cache[name] = tf.function(fn, jit_compile=jit_compile, reduce_retracing=True)
+        return cache[name]
+
     def call(self, inputs, training=False):
         """Inference: ``{"images", "image_sizes"}`` -> detections in the (resized) input pixels."""
         images, image_sizes = inputs["images"], tf.cast(inputs["image_sizes"], tf.int32)
@@ -116,7 +141,8 @@ class FasterRCNN(keras.Model):
         gt_boxes = tf.cast(batch["gt_boxes"], tf.float32)
         gt_classes = tf.cast(batch["gt_classes"], tf.int32)
         gt_valid = tf.cast(batch["gt_valid"], tf.bool)
-        features, rpn_logits, rpn_deltas, anchors = self._rpn(batch["images"], image_sizes, training)
+        rpn = self._xla("rpn", self._rpn)
+        features, rpn_logits, rpn_deltas, anchors = rpn(batch["images"], image_sizes, training)
         rpn_labels, rpn_box_targets = rpn_targets(
             anchors, gt_boxes, gt_valid, image_sizes,
             fg_iou=m.rpn_fg_iou, bg_iou=m.rpn_bg_iou, batch_size_per_image=m.rpn_batch_size_per_image,
@@ -133,7 +159,7 @@ class FasterRCNN(keras.Model):
             box_weights=m.roi_box_weights,
         )
         pooled = self.roi_pooling([features, rois])
-        class_probs, box_deltas = self.roi_head(pooled, training=training)
+        class_probs, box_deltas = self._xla("roi_head", self._roi_head)(pooled, training)
         losses = rpn_losses(rpn_logits, rpn_deltas, rpn_labels, rpn_box_targets, beta=m.rpn_smooth_l1_beta)
         losses.update(
             roi_losses(class_probs, box_deltas, roi_classes, roi_box_targets, roi_valid, beta=m.roi_smooth_l1_beta)
@@ -152,11 +178,25 @@ class FasterRCNN(keras.Model):
         for name in LOSS_NAMES:
             self.loss_trackers[name].update_state(losses[name])
         self.loss_trackers["loss"].update_state(total)
-        return {name: tracker.result() for name, tracker in self.loss_trackers.items()}
+        logs = {name: tracker.result() for name, tracker in self.loss_trackers.items()}
+        if num_workers(tf.distribute.get_strategy()) > 1:
+            # Keras 3 averages each logged value over the workers with strategy.reduce("MEAN", value, axis=0),
+            # which fails on a scalar (tensorflow/tensorflow#72388): hand it 1-element vectors (it returns scalars).
+            logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
+        return logs
 
     @property
     def metrics(self):
         return list(self.loss_trackers.values())
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras 3 (TensorFlow backend), for a model created under a tf.distribute strategy, takes the first batch of
+        # fit/evaluate and averages it over the replicas (strategy.reduce("MEAN")) to build the model symbolically:
+        # that fails on our bool (gt_valid) entries. build_model has built every layer already, so there is nothing
+        # to build from data; Keras then only builds the optimizer.
+        if iterator is not None and all(layer.built for layer in self._flatten_layers()):
+            iterator = None
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def train_step(self, data):
         data = _batch_dict(data)
@@ -164,12 +204,14 @@ class FasterRCNN(keras.Model):
             losses = self.compute_losses(data, training=True)
             total = self._total_loss(losses)
             # Under tf.distribute each replica sees its share of the global batch and the optimizer sums the
-            # replicas' gradients, so each replica's loss is divided by their number: a global-batch mean.
+            # replicas' gradients, so each replica's loss is divided by their number: a global-batch mean (as
+            # Keras' own train_step does). scale_loss multiplies by the loss scale under mixed_float16 (compile
+            # wraps the optimizer in a LossScaleOptimizer, whose apply divides it out again), else by 1.
             replicas = tf.distribute.get_strategy().num_replicas_in_sync
             scaled = self.optimizer.scale_loss(total / replicas)
         variables = self.trainable_variables
         grads = tape.gradient(scaled, variables)
-        self.optimizer.apply(grads, variables)
+        self.optimizer.apply(sync_replica_gradients(grads, self.optimizer), variables)
         return self._record(losses, total)
 
     def test_step(self, data):
@@ -189,6 +231,21 @@ class FasterRCNN(keras.Model):
         return out
 
     # -------------------------------------------------------------------------------------------- inference
+
+    def predict_on_batch(self, x):
+        """Keras' ``predict_on_batch`` (detections of one batch as NumPy arrays), also under ``tf.distribute``.
+
+        For a model built under a strategy with several replicas, Keras' ``predict_on_batch`` runs the WHOLE batch
+        on every replica and concatenates the copies (each image N times). Such a model predicts here with one
+        plain ``tf.function`` outside the strategy: the batch runs once, on the first replica's copy of the
+        (identical) weights, with no collective operation, so under multi-worker training the chief can evaluate
+        alone. Evaluation therefore uses one device; ``eval.batch_size`` images per call.
+        """
+        if self.distribute_strategy.num_replicas_in_sync == 1:
+            return super().predict_on_batch(x)
+        x = keras.tree.map_structure(tf.convert_to_tensor, _batch_dict(x))
+        out = self._function("local_predict", self.predict_step)(x)
+        return {name: value.numpy() for name, value in out.items()}
 
     def detect(self, images, batch_size=None):
         """Detect objects in a list of ``H x W x 3`` uint8 RGB arrays of any sizes.

@@ -36,28 +36,135 @@ class TrainingError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------------ distribution
+#
+# How a step is distributed (Keras 3 ``fit`` + ``FasterRCNN.train_step``; see README "Multiple GPUs and machines"):
+# - ``fit`` distributes the ``tf.data`` dataset of GLOBAL batches (``train.batch_size``) with
+#   ``strategy.experimental_distribute_dataset``: each of the N replicas gets ``batch_size / N`` images (under
+#   multi-worker training every worker builds the same dataset and keeps its own part of each global batch).
+# - Each replica's losses are means over its own images (normalised by its own sampled anchors / ROIs); the replica
+#   divides its total by N before differentiating and the optimizer SUMS the replicas' gradients (Keras'
+#   all-reduce), so the update uses the mean over replicas, which is the global-batch mean whenever every image
+#   fills its anchor and ROI samples (the usual case, and what Detectron2 does across GPUs).
+# - Keras clips gradients and checks them for overflow (mixed_float16) on each replica BEFORE its all-reduce;
+#   :func:`sync_replica_gradients` makes both decisions global.
+# - Checkpoints and logs are written by the chief only; every worker restores the same checkpoint.
 
 
 def make_strategy(name):
-    """``default`` (one device), ``mirrored`` (all local GPUs) or ``multi_worker`` (machines from ``TF_CONFIG``)."""
+    """``default`` (one device), ``mirrored`` (all local GPUs) or ``multi_worker`` (machines from ``TF_CONFIG``).
+
+    ``mirrored`` without a GPU mirrors over the logical CPU devices when there are several (the tests split the CPU
+    in two) and otherwise trains on the CPU as one replica, with a warning.
+    """
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
+        if tf.config.list_logical_devices("GPU"):
+            return tf.distribute.MirroredStrategy()
+        cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+        if len(cpus) < 2:
+            log.warning("train.strategy=mirrored: no GPU found, training on the CPU as a single replica")
+        return tf.distribute.MirroredStrategy(cpus)
     if name == "multi_worker":
-        if "TF_CONFIG" not in os.environ:
-            raise TrainingError("train.strategy=multi_worker needs the TF_CONFIG environment variable (see README)")
+        config = os.environ.get("TF_CONFIG")
+        if not config:
+            raise TrainingError("train.strategy=multi_worker needs the TF_CONFIG environment variable (see README, "
+                                "'Multiple GPUs and machines')")
+        try:
+            task = json.loads(config)["task"]
+            task["type"], int(task["index"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise TrainingError(f"TF_CONFIG is not valid JSON with a 'cluster' and a 'task' {{'type', 'index'}} "
+                                f"({type(err).__name__}: {err}): {config}") from err
         return tf.distribute.MultiWorkerMirroredStrategy()
     raise TrainingError(f"unknown train.strategy '{name}'")
 
 
 def is_chief(strategy=None):
-    """True on the worker that writes checkpoints and logs (always true outside multi-worker training)."""
+    """True on the worker that writes checkpoints and logs (always true outside multi-worker training).
+
+    The chief is the ``chief`` task when the cluster has one, else worker 0 (the ``TF_CONFIG`` conventions).
+    """
     strategy = strategy or tf.distribute.get_strategy()
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not resolver.task_type:
         return True
-    return resolver.task_type == "chief" or (resolver.task_type == "worker" and resolver.task_id == 0)
+    if resolver.task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
+
+
+def num_workers(strategy):
+    """How many processes (machines) take part in ``strategy`` (1 outside multi-worker training)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return 1
+    cluster = resolver.cluster_spec().as_dict()
+    return sum(len(cluster.get(job, ())) for job in ("chief", "worker"))
+
+
+def check_workers_agree(strategy, values, what):
+    """Raise :class:`TrainingError` on every worker unless all workers hold the same integer ``values``.
+
+    Multi-worker training needs every worker to make the same decisions (resume or not, from which step, with how
+    many steps per epoch): a worker that disagrees would wait forever in a collective operation instead. Does
+    nothing outside multi-worker training. Every worker must call it (it is a collective all-gather).
+    """
+    if num_workers(strategy) < 2:
+        return
+    local = tf.constant([list(values)], tf.int64)  # (1, V)
+    per_replica = strategy.run(lambda: tf.identity(local))
+    gathered = strategy.gather(per_replica, axis=0).numpy()  # (replicas, V)
+    if not (gathered == gathered[0]).all():
+        raise TrainingError(
+            f"the workers disagree on {what}: {gathered.tolist()} (one row per replica). Every worker must see the "
+            "same data, config and --workdir contents: use a shared --workdir (or copy the checkpoint to each machine)."
+        )
+
+
+def sync_replica_gradients(grads, optimizer):
+    """Gradients to pass to ``optimizer.apply`` in a replica's ``train_step``, so that the decisions Keras takes per
+    replica before its all-reduce become global ones.
+
+    Keras 3 (TensorFlow backend) sums the replicas' gradients inside ``optimizer.apply``, but:
+
+    - it clips (``global_clipnorm``) each replica's gradient BEFORE that sum. With clipping on, the gradients are
+      summed here first, clipped as one global gradient, and each replica passes ``1 / N`` of the clipped sum: the
+      optimizer's own sum then rebuilds it and its own clipping is a no-op (norm ``<= clip / N``). Costs a second
+      all-reduce of the gradients, only when clipping is on.
+    - ``LossScaleOptimizer`` (``mixed_float16``) decides to skip a step from the FIRST replica's local gradients
+      only: an overflow on another replica would reach the weights (checked: the weights turn to inf). Here the
+      replicas agree first (one scalar all-reduce) and, if any overflowed, every replica's gradients are made
+      non-finite, so every replica skips the step and halves the loss scale.
+
+    One replica (or no replica context): returns ``grads`` unchanged.
+    """
+    context = tf.distribute.get_replica_context()
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    if context is None or replicas == 1:
+        return grads
+    loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    inner = optimizer.inner_optimizer if loss_scaled else optimizer
+    clip = getattr(inner, "global_clipnorm", None)
+    present = [i for i, g in enumerate(grads) if g is not None]
+    grads = list(grads)
+    if clip:
+        summed = context.all_reduce(tf.distribute.ReduceOp.SUM, [grads[i] for i in present])
+        # Under loss scaling the gradients are ``scale`` times too large: clip at ``clip * scale`` (a non-finite
+        # norm makes every entry NaN, which the loss-scale optimizer skips on every replica alike).
+        threshold = clip * tf.cast(optimizer.dynamic_scale, tf.float32) if loss_scaled else clip
+        clipped, _ = tf.clip_by_global_norm([tf.cast(g, tf.float32) for g in summed], threshold)
+        for i, g, original in zip(present, clipped, summed):
+            grads[i] = tf.cast(g / replicas, original.dtype)
+        return grads
+    if loss_scaled and present:
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(grads[i])) for i in present])
+        overflowed = context.all_reduce(tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, tf.float32))
+        first = present[0]
+        poison = tf.where(overflowed > 0.0, float("nan"), 0.0)
+        grads[first] = grads[first] + tf.cast(poison, grads[first].dtype)
+    return grads
 
 
 # --------------------------------------------------------------------------------------- optimizer and schedule

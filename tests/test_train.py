@@ -41,7 +41,7 @@ def _train_args(raccoon_root, workdir):
         "--set", "data.format=voc", "--set", f"data.root={raccoon_root}", "--set", "data.classes=null",
         "--set", "data.train_split=train", "--set", "data.val_split=val", "--set", "train.val_max_images=2",
         "--set", "train.epochs=2", "--set", "train.steps_per_epoch=3", "--set", "train.batch_size=1",
-        "--set", "train.checkpoint_every=1", "--set", "train.val_every=0",
+        "--set", "train.checkpoint_every=1", "--set", "train.val_every=1",
     ]
 
 
@@ -89,6 +89,11 @@ def test_raccoon_training_survives_sigkill_and_resumes(raccoon_root, tmp_path):
     cfg = load_config(str(workdir / "config.yaml"))
     assert cfg.data.classes == ("raccoon",)
     assert not [f for f in os.listdir(workdir / "checkpoints") if f.startswith(".tmp-")]
+    # The validation callback ran each epoch and drove the best checkpoint.
+    assert os.path.isfile(workdir / "checkpoints" / "best.weights.h5")
+    assert state["best"] is not None
+    with open(workdir / "val_metrics.json") as f:
+        assert json.load(f)["num_images"] == 2
     assert os.listdir(workdir / "logs")  # TensorBoard logs
 
 
