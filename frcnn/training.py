@@ -269,7 +269,6 @@ class CheckpointManager(keras.callbacks.Callback):
         self.monitor = monitor
         self.best = best
         self.chief = chief
-        self._epoch = 0
 
     def global_step(self):
         return int(self.model.optimizer.iterations.numpy())
@@ -287,9 +286,6 @@ class CheckpointManager(keras.callbacks.Callback):
             os.path.join(self.checkpoint_dir, STATE_FILE),
         )
         log.info("checkpoint saved at epoch %d, step %d%s", epoch, step, f" ({reason})" if reason else "")
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
         if self.every_steps and _finite(logs) and self.global_step() % self.every_steps == 0:
