@@ -276,7 +276,9 @@ class CheckpointManager(keras.callbacks.Callback):
     def save(self, reason=""):
         step = self.global_step()
         epoch = step // self.steps_per_epoch  # completed epochs (a run stopped mid-epoch resumes inside it)
-        # Every replica must take part in reading distributed variables; only the chief writes.
+        # Only the chief writes. The other workers need not take part: save_weights reads the model and optimizer
+        # variables, which are mirrored (each worker reads its own copy, no collective op); the metric variables,
+        # whose reading would be a collective, are not saved. Two writers would race on a shared --workdir.
         if not self.chief:
             return
         atomic_save_weights(self.model, os.path.join(self.checkpoint_dir, LAST_WEIGHTS))
