@@ -171,7 +171,7 @@ def train(cfg, workdir, verbose=1):
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     dataset = dataset.with_options(options)
     category_ids = getattr(val_records, "category_ids", None)
-    stop_on_nan = training.StopOnNonFiniteLoss()
+    stop_on_nan = training.StopOnNonFinite()
     callbacks = [stop_on_nan]
     evaluator = None
     # Evaluation runs on the chief alone, on one device (FasterRCNN.predict_on_batch); the other workers go on.

@@ -32,7 +32,7 @@ def dataset(bad_step=None, n=64, same_batch=False):
 
 
 def run(model, ckpt, epochs, steps, start_step=0, every=0, extra=(), data=None):
-    stop = training.StopOnNonFiniteLoss()
+    stop = training.StopOnNonFinite()
     manager = training.CheckpointManager(str(ckpt), steps, every_steps=every)
     return training.fit_resumable(model, data or dataset(), epochs, steps, [stop, *extra, manager], manager, stop,
                                   start_step=start_step, verbose=0), manager
@@ -117,16 +117,53 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path):
     assert state["global_step"] == 5
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path):
-    model = tiny_model()
-    with pytest.raises(training.TrainingError, match=r"non-finite loss at epoch 2, batch 2 \(global step 6\)"):
+class NanHidingReLU(keras.layers.Layer):
+    """ReLU that maps NaN to 0, as oneDNN's fused matmul + bias + ReLU kernel does: the loss stays finite while
+    the NaN input still poisons the first layer's kernel through its gradient (NaN * 0 = NaN)."""
+
+    def call(self, x):
+        return keras.ops.where(x > 0, x, 0.0)
+
+
+def nan_hiding_model():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), NanHidingReLU(), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(0.01, momentum=0.9), loss="mse")
+    return model
+
+
+@pytest.mark.parametrize("make_model", [tiny_model, nan_hiding_model], ids=["plain", "nan_hidden_from_loss"])
+def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path, make_model):
+    # With oneDNN on (processors with AVX512_BF16/AMX), tiny_model's fused Dense + ReLU hides the NaN as well.
+    model = make_model()
+    with pytest.raises(training.TrainingError,
+                       match=r"non-finite (loss|weights .*) at epoch 2, batch 2 \(global step 6\)"):
         run(model, tmp_path, epochs=3, steps=4, every=1, data=dataset(bad_step=5))
     state = training.read_state(str(tmp_path))
     assert state["global_step"] == 5  # the checkpoint before the bad step
-    good = tiny_model()
+    good = make_model()
     good.build((None, 3))
     training.load_checkpoint(good, str(tmp_path / training.LAST_WEIGHTS))
     assert all(np.all(np.isfinite(w)) for w in good.get_weights())
+
+
+def test_nan_hidden_from_the_loss_is_named_as_weights(tmp_path):
+    model = nan_hiding_model()
+    with pytest.raises(training.TrainingError, match=r"non-finite weights \(.*kernel.*\) after a finite loss"):
+        run(model, tmp_path, epochs=3, steps=4, data=dataset(bad_step=5))
+    assert training.read_state(str(tmp_path))["global_step"] == 4  # the last epoch-end checkpoint
+
+
+def test_checkpoint_manager_refuses_nonfinite_weights(tmp_path):
+    model = tiny_model()
+    model.build((None, 3))
+    model.optimizer.build(model.trainable_variables)
+    manager = training.CheckpointManager(str(tmp_path), steps_per_epoch=4)
+    manager.set_model(model)
+    manager.save()
+    before = (tmp_path / training.LAST_WEIGHTS).read_bytes()
+    model.layers[0].kernel.assign(np.full((3, 4), np.nan, np.float32))
+    manager.save()
+    assert (tmp_path / training.LAST_WEIGHTS).read_bytes() == before
 
 
 def test_bad_checkpoints_are_clear_errors(tmp_path):
