@@ -27,12 +27,26 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class InputConfig:
-    min_size: int = 600  # shorter image side after resizing, in pixels
+    min_size: Union[int, Tuple[int, ...]] = 600  # shorter side after resizing (pixels); a list: one drawn per image
+    min_size_test: Optional[int] = None  # shorter side at test time; None: min_size (the largest, for a list)
     max_size: int = 1000  # cap on the longer side
     flip: bool = True  # random horizontal flip in training
     max_gt: int = 100  # ground-truth boxes per image are padded (or cut) to this many
     size_divisibility: int = 32  # a padded batch's height and width are multiples of this
     fixed_size: bool = False  # pad every batch to (max_size, max_size): static shapes for XLA
+    channel_order: str = "bgr"  # order of the colour channels the network sees: bgr (Caffe/Detectron2) | rgb
+    pixel_mean: Tuple[float, ...] = (103.939, 116.779, 123.68)  # subtracted per channel, in channel_order
+    pixel_std: Tuple[float, ...] = (1.0, 1.0, 1.0)  # then divided per channel, in channel_order
+
+    @property
+    def train_min_sizes(self):
+        """The shorter sides training draws from (one per image), as a tuple."""
+        return self.min_size if isinstance(self.min_size, tuple) else (self.min_size,)
+
+    @property
+    def test_min_size(self):
+        """The shorter side for evaluation, inference and export."""
+        return self.min_size_test if self.min_size_test is not None else max(self.train_min_sizes)
 
 
 @dataclass(frozen=True)
@@ -66,6 +80,7 @@ class ModelConfig:
     anchor_sizes: Tuple[float, ...] = (128.0, 256.0, 512.0)
     anchor_ratios: Tuple[float, ...] = (0.5, 1.0, 2.0)
     feature_stride: int = 16
+    anchor_offset: float = 0.5  # anchor centres at (x + offset) * stride; 0.5: cell centres, 0.0: Detectron2
     rpn_channels: int = 1024
     rpn_pre_nms_topk_train: int = 12000
     rpn_post_nms_topk_train: int = 2000
@@ -86,7 +101,7 @@ class ModelConfig:
     roi_box_weights: Tuple[float, ...] = (10.0, 10.0, 5.0, 5.0)
     roi_smooth_l1_beta: float = 1.0
     pool_size: int = 14
-    sampling_ratio: int = 2
+    sampling_ratio: int = 2  # RoIAlign samples per bin side; 0: adaptive, ceil(ROI side / pool_size) (Detectron2)
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
     max_detections: int = 100
@@ -158,6 +173,12 @@ def _to_plain(value):
 
 
 def _type_name(tp):
+    """``int``, ``list of float``, ``int or list of int``, ``str or null``: for error messages."""
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin in (tuple, Tuple):
+        return "list of " + _type_name(typing.get_args(tp)[0])
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -332,6 +353,7 @@ _CHOICES = {
     "train.optimizer": ("sgd", "adam"),
     "train.strategy": ("default", "mirrored", "multi_worker"),
     "train.mixed_precision": ("off", "mixed_float16", "mixed_bfloat16"),
+    "input.channel_order": ("bgr", "rgb"),
 }
 
 
@@ -348,10 +370,10 @@ def validate(cfg, source="<config>"):
             fail(key, f"must be one of {', '.join(choices)}, got {value!r}")
 
     positive = [
-        "input.min_size", "input.max_size", "input.max_gt", "input.size_divisibility",
+        "input.max_size", "input.max_gt", "input.size_divisibility",
         "model.feature_stride", "model.rpn_channels", "model.rpn_pre_nms_topk_train",
         "model.rpn_post_nms_topk_train", "model.rpn_pre_nms_topk_test", "model.rpn_post_nms_topk_test",
-        "model.rpn_batch_size_per_image", "model.num_rois", "model.pool_size", "model.sampling_ratio",
+        "model.rpn_batch_size_per_image", "model.num_rois", "model.pool_size",
         "model.max_detections", "train.epochs", "train.batch_size", "train.lr", "train.reference_batch_size",
         "eval.batch_size", "data.synthetic.num_train", "data.synthetic.num_val", "data.synthetic.image_size",
         "data.synthetic.max_objects",
@@ -362,8 +384,17 @@ def validate(cfg, source="<config>"):
             node = getattr(node, part)
         if node <= 0:
             fail(key, f"must be positive, got {node!r}")
-    if cfg.input.max_size < cfg.input.min_size:
-        fail("input.max_size", f"({cfg.input.max_size}) must be >= input.min_size ({cfg.input.min_size})")
+    i = cfg.input
+    if not i.train_min_sizes or any(v <= 0 for v in i.train_min_sizes):
+        fail("input.min_size", f"must be a positive size or a non-empty list of them, got {i.min_size!r}")
+    if i.min_size_test is not None and i.min_size_test <= 0:
+        fail("input.min_size_test", f"must be positive or null, got {i.min_size_test!r}")
+    if i.max_size < max(i.train_min_sizes + (i.test_min_size,)):
+        fail("input.max_size", f"({i.max_size}) must be >= input.min_size ({i.min_size}) and input.min_size_test")
+    if len(i.pixel_mean) != 3:
+        fail("input.pixel_mean", f"must be three numbers (one per channel), got {list(i.pixel_mean)}")
+    if len(i.pixel_std) != 3 or any(v <= 0 for v in i.pixel_std):
+        fail("input.pixel_std", f"must be three positive numbers, got {list(i.pixel_std)}")
     m = cfg.model
     if not m.anchor_sizes:
         fail("model.anchor_sizes", "must not be empty")
@@ -389,6 +420,10 @@ def validate(cfg, source="<config>"):
         fail("model.rpn_post_nms_topk_train", "must be <= model.rpn_pre_nms_topk_train")
     if m.rpn_post_nms_topk_test > m.rpn_pre_nms_topk_test:
         fail("model.rpn_post_nms_topk_test", "must be <= model.rpn_pre_nms_topk_test")
+    if m.sampling_ratio < 0:
+        fail("model.sampling_ratio", f"must be >= 0 (0: adaptive), got {m.sampling_ratio}")
+    if not 0.0 <= m.anchor_offset < 1.0:
+        fail("model.anchor_offset", f"must be in [0, 1), got {m.anchor_offset}")
     if m.freeze_at not in (0, 1, 2, 3, 4):
         fail("model.freeze_at", f"must be 0..4, got {m.freeze_at}")
     if m.backbone_weights.lower() not in ("none", "imagenet") and not m.backbone_weights.endswith(

@@ -46,7 +46,7 @@ class DetectorModule(tf.Module):
         object.__setattr__(self, "model", model)
         self.model_variables = list(model.variables)
         cfg = model.cfg.input
-        self._min_size = float(cfg.min_size)
+        self._min_size = float(cfg.test_min_size)
         self._max_size = float(cfg.max_size)
         self._max_size_int = int(cfg.max_size)
         self._divisor = int(cfg.size_divisibility)

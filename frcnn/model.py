@@ -290,7 +290,7 @@ class FasterRCNN(keras.Model):
         cfg = self.cfg.input
         resized, sizes, scales = [], [], []
         for image in images:
-            scale, nh, nw = resize_params(image.shape[0], image.shape[1], cfg.min_size, cfg.max_size)
+            scale, nh, nw = resize_params(image.shape[0], image.shape[1], cfg.test_min_size, cfg.max_size)
             resized.append(tf.image.resize(tf.convert_to_tensor(image, tf.float32), (nh, nw)).numpy())
             sizes.append((nh, nw))
             scales.append(scale)

@@ -13,8 +13,8 @@ Batch (B images, G = ``input.max_gt``)::
 
 Per image (one parallel ``map``, all TensorFlow ops, so the pipeline runs in C++ threads and never holds the GIL):
 read the file, decode (any of JPEG / PNG / GIF / BMP / WebP; grayscale and RGBA become RGB), apply the EXIF
-orientation, resize with one factor so that the shorter side is ``input.min_size`` unless the longer would exceed
-``input.max_size`` (bilinear), flip horizontally with probability 1/2 in training (``input.flip``), pad.
+orientation, resize with one factor so that the shorter side is ``input.test_min_size`` (training: ``input.min_size``,
+one drawn per image when it is a list) unless the longer would exceed ``input.max_size`` (bilinear), flip horizontally with probability 1/2 in training (``input.flip``), pad.
 
 Resize: the factor and the output size ``round(side * scale)`` are computed once per record in Python (float64).
 Boxes are multiplied by the same single ``scale`` that ``"scales"`` reports, so dividing predictions by it maps them
@@ -54,6 +54,16 @@ def resize_params(height, width, min_size, max_size):
     new_h = max(1, min(int(math.floor(height * scale + 0.5)), max_size))
     new_w = max(1, min(int(math.floor(width * scale + 0.5)), max_size))
     return scale, new_h, new_w
+
+
+def resize_params_tf(height, width, min_size, max_size):
+    """:func:`resize_params` in the graph (float64, the same numbers), for a ``min_size`` drawn per image."""
+    h, w = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
+    min_size, max_size = tf.cast(min_size, tf.float64), tf.cast(max_size, tf.float64)
+    scale = tf.minimum(min_size / tf.minimum(h, w), max_size / tf.maximum(h, w))
+    new_h = tf.clip_by_value(tf.floor(h * scale + 0.5), 1.0, max_size)
+    new_w = tf.clip_by_value(tf.floor(w * scale + 0.5), 1.0, max_size)
+    return tf.cast(scale, tf.float32), tf.cast(tf.stack([new_h, new_w]), tf.int32)
 
 
 def padded_side(size_divisibility, side):
@@ -106,7 +116,7 @@ def _gt_arrays(cfg, records):
 
 
 def _slices(cfg, records):
-    params = [resize_params(r.height, r.width, cfg.input.min_size, cfg.input.max_size) for r in records]
+    params = [resize_params(r.height, r.width, cfg.input.test_min_size, cfg.input.max_size) for r in records]
     flat_boxes, flat_classes, lengths = _gt_arrays(cfg, records)
     return {
         "file_name": tf.constant([r.file_name for r in records], tf.string),
@@ -125,6 +135,8 @@ def _make_loader(cfg, training):
     divisor = cfg.input.size_divisibility
     flip = training and cfg.input.flip
     fixed = padded_side(divisor, cfg.input.max_size) if cfg.input.fixed_size else None
+    # Multi-scale training: each image draws its shorter side from input.min_size (a list).
+    min_sizes = cfg.input.train_min_sizes if training and len(cfg.input.train_min_sizes) > 1 else None
 
     def load(item, seed):
         path = item["file_name"]
@@ -136,10 +148,14 @@ def _make_loader(cfg, training):
                                            "but its record says", item["size"], "- image skipped"])
         with tf.control_dependencies([check]):
             image = tf.identity(image)
-        new_size = item["new_size"]
+        if min_sizes is None:
+            scale, new_size = item["scale"], item["new_size"]
+        else:
+            pick = tf.random.stateless_uniform([], seed=seed + tf.constant([0, 1], tf.int64), maxval=len(min_sizes),
+                                               dtype=tf.int32)
+            scale, new_size = resize_params_tf(shape[0], shape[1], tf.gather(min_sizes, pick), cfg.input.max_size)
         image = tf.image.resize(tf.cast(image, tf.float32), new_size, method="bilinear")
         image = tf.clip_by_value(image, 0.0, 255.0)  # bilinear never overshoots; kept as a guard for other methods
-        scale = item["scale"]
         boxes = tf.reshape(tf.cast(item["boxes"], tf.float32), [-1, 4]) * scale
         classes = tf.reshape(tf.cast(item["classes"], tf.int32), [-1])
         if flip:
