@@ -7,15 +7,17 @@ Order: anchors are laid out ``(H, W, A)`` and flattened row-major, so anchor ``(
 cell ``(y, x)``; within a cell, ``a = size_index * len(aspect_ratios) + ratio_index``. The RPN head's outputs
 ``(B, H, W, A)`` and ``(B, H, W, A * 4)`` reshape to ``(B, H * W * A)`` and ``(B, H * W * A, 4)`` in that same order.
 
-Centres: feature cell ``(y, x)`` covers input pixels ``[x * stride, (x + 1) * stride)``, so its anchors are centred
-at ``((x + 0.5) * stride, (y + 0.5) * stride)`` in the continuous pixel coordinates of :mod:`frcnn.boxes`.
+Centres: feature cell ``(y, x)`` covers input pixels ``[x * stride, (x + 1) * stride)``; its anchors are centred at
+``((x + offset) * stride, (y + offset) * stride)`` in the continuous pixel coordinates of :mod:`frcnn.boxes`. The
+default ``offset = 0.5`` puts them at the cell centres, where RoIAlign's aligned convention puts the feature values;
+Detectron2 uses ``offset = 0`` (``model.anchor_offset``), and its trained RPNs expect it.
 
 Aspect ratio is ``height / width``; an anchor of size ``s`` and ratio ``r`` has area ``s**2``:
 ``w = s / sqrt(r)``, ``h = s * sqrt(r)``.
 """
 
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
 
 def cell_anchors(sizes, aspect_ratios):
@@ -33,16 +35,15 @@ def num_anchors_per_location(sizes, aspect_ratios):
     return len(sizes) * len(aspect_ratios)
 
 
-def grid_anchors(feature_height, feature_width, stride, sizes, aspect_ratios):
+def grid_anchors(feature_height, feature_width, stride, sizes, aspect_ratios, offset=0.5):
     """All anchors of an ``H x W`` feature map: ``(H * W * A, 4)`` float32, in the order of the module docstring.
 
     ``feature_height`` and ``feature_width`` may be Python ints or scalar tensors (dynamic feature sizes).
     """
-    base = tf.constant(cell_anchors(sizes, aspect_ratios))  # (A, 4)
-    stride = tf.cast(stride, tf.float32)
-    xs = (tf.cast(tf.range(feature_width), tf.float32) + 0.5) * stride
-    ys = (tf.cast(tf.range(feature_height), tf.float32) + 0.5) * stride
-    cy, cx = tf.meshgrid(ys, xs, indexing="ij")  # (H, W)
-    centres = tf.stack([cx, cy, cx, cy], axis=-1)  # (H, W, 4)
+    base = ops.convert_to_tensor(cell_anchors(sizes, aspect_ratios))  # (A, 4)
+    xs = (ops.cast(ops.arange(feature_width), "float32") + offset) * float(stride)
+    ys = (ops.cast(ops.arange(feature_height), "float32") + offset) * float(stride)
+    cy, cx = ops.meshgrid(ys, xs, indexing="ij")  # (H, W)
+    centres = ops.stack([cx, cy, cx, cy], axis=-1)  # (H, W, 4)
     anchors = centres[:, :, None, :] + base[None, None, :, :]  # (H, W, A, 4)
-    return tf.reshape(anchors, [-1, 4])
+    return ops.reshape(anchors, (-1, 4))

@@ -13,19 +13,15 @@ Naming: ``*_logits`` raw scores, ``*_deltas`` box deltas (R-CNN parametrisation 
 
 All three layers are serialisable (``get_config`` carries every constructor argument) and never autocast their
 inputs: under a mixed-precision policy the feature map stays float16 while boxes stay float32 (a float16 pixel
-coordinate near 1000 is only good to 0.5 px). Box maths is done in float32.
+coordinate near 1000 is only good to 0.5 px). Box maths is done in float32. Written with ``keras.ops`` and
+:mod:`frcnn.ops`: they run on every Keras backend and under XLA.
 """
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from frcnn import boxes as box_ops
-
-
-def _dim(x, axis):
-    """The static size of ``x.shape[axis]`` if known, else the dynamic one."""
-    static = x.shape[axis]
-    return static if static is not None else tf.shape(x)[axis]
+from frcnn.ops import gather_rows, non_max_suppression, roi_align
 
 
 @keras.saving.register_keras_serializable(package="frcnn")
@@ -46,12 +42,10 @@ class RoiPoolingConv(keras.layers.Layer):
     Why ``aligned=True``: without the half-pixel shift the pooled grid is offset by half a cell from the anchors
     and the boxes, which costs accuracy for small objects.
 
-    Implementation: one ``tf.image.crop_and_resize`` per sub-sample offset (``sampling_ratio ** 2`` calls, each over
-    all ROIs of all images at once) on the feature map padded with one replicated edge row / column on each side.
-    The padding reproduces the clamping of samples in ``[-1, 0)`` and ``(H - 1, H]``, and crop_and_resize's
-    extrapolation value 0 beyond the padded map gives exactly the zero rule. Summing ``S * S`` crops of size
-    ``P`` instead of one crop of size ``P * S`` followed by average pooling keeps the peak memory near the size of
-    the output (the ROI head of a C4 model pools hundreds of ROIs at 14 x 14 x 1024).
+    ``sampling_ratio = 0`` samples adaptively, as Detectron2's ``POOLER_SAMPLING_RATIO: 0``: ``ceil(roi height / P)``
+    rows and ``ceil(roi width / P)`` columns of samples per bin, per ROI.
+
+    Implementation: :func:`frcnn.ops.roi_align`, two interpolation-matrix products over every ROI of the batch.
 
     ROIs are wrapped in ``stop_gradient``: no gradient flows to the boxes (they come from the proposal
     decoder / the ROI sampler, which are detached by design); gradients flow to the feature map.
@@ -62,73 +56,17 @@ class RoiPoolingConv(keras.layers.Layer):
         super().__init__(autocast=False, **kwargs)
         if int(pool_size) < 1:
             raise ValueError(f"pool_size must be >= 1, got {pool_size}")
-        if int(sampling_ratio) < 1:
-            raise ValueError(f"sampling_ratio must be >= 1 (adaptive sampling is not supported), got {sampling_ratio}")
+        if int(sampling_ratio) < 0:
+            raise ValueError(f"sampling_ratio must be >= 0 (0: adaptive), got {sampling_ratio}")
         if float(stride) <= 0:
             raise ValueError(f"stride must be > 0, got {stride}")
         self.pool_size = int(pool_size)
         self.stride = stride
         self.sampling_ratio = int(sampling_ratio)
-        # CropAndResize has no XLA kernel: tell Keras, so that compile(jit_compile="auto") on a GPU does not pick XLA.
-        self.supports_jit = False
 
     def call(self, inputs):
         features, rois = inputs
-        features = tf.convert_to_tensor(features)
-        # Boxes are inputs of the pooling, not something to learn through it.
-        rois = tf.stop_gradient(tf.cast(rois, tf.float32))  # (B, N, 4)
-
-        batch = _dim(rois, 0)
-        num_rois = _dim(rois, 1)
-        channels = _dim(features, 3)
-        pool = self.pool_size
-        ratio = self.sampling_ratio
-
-        # One replicated edge row / column on each side: (B, H + 2, W + 2, C).
-        padded = tf.pad(features, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="SYMMETRIC")
-        if padded.dtype == tf.bfloat16:
-            padded = tf.cast(padded, tf.float32)  # CropAndResize has no bfloat16 kernel (mixed_bfloat16)
-        height = tf.cast(tf.shape(features)[1], tf.float32)
-        width = tf.cast(tf.shape(features)[2], tf.float32)
-
-        flat = tf.reshape(rois, [-1, 4])  # (B * N, 4)
-        box_indices = tf.repeat(tf.range(batch, dtype=tf.int32), num_rois)  # (B * N,)
-
-        # ROI in feature coordinates (aligned: half-pixel shift), then in padded coordinates (+1).
-        inv_stride = 1.0 / float(self.stride)
-        x1 = flat[:, 0] * inv_stride - 0.5 + 1.0
-        y1 = flat[:, 1] * inv_stride - 0.5 + 1.0
-        x2 = flat[:, 2] * inv_stride - 0.5 + 1.0
-        y2 = flat[:, 3] * inv_stride - 0.5 + 1.0
-        # Distance between neighbouring samples: bin size / sampling_ratio.
-        step_x = (x2 - x1) / float(pool * ratio)
-        step_y = (y2 - y1) / float(pool * ratio)
-
-        # crop_and_resize puts crop row i at y = y1n * (H' - 1) + i * (y2n - y1n) * (H' - 1) / (P - 1), with
-        # H' = H + 2 the padded height (and at the mid point for P == 1). For sub-sample offset iy, the sample of
-        # bin ph is at y1 + (ph * S + iy + 0.5) * step_y: first row at y1 + (iy + 0.5) * step_y, last row
-        # (P - 1) * S * step_y further; dividing by H' - 1 = H + 1 gives the normalised coordinates.
-        norm_y = 1.0 / (height + 1.0)
-        norm_x = 1.0 / (width + 1.0)
-        span_y = float((pool - 1) * ratio) * step_y
-        span_x = float((pool - 1) * ratio) * step_x
-
-        total = None
-        for iy in range(ratio):
-            first_y = y1 + (iy + 0.5) * step_y
-            for ix in range(ratio):
-                first_x = x1 + (ix + 0.5) * step_x
-                crop_boxes = tf.stack(
-                    [first_y * norm_y, first_x * norm_x, (first_y + span_y) * norm_y, (first_x + span_x) * norm_x],
-                    axis=-1,
-                )
-                crop = tf.image.crop_and_resize(
-                    padded, crop_boxes, box_indices, [pool, pool], method="bilinear", extrapolation_value=0.0
-                )  # (B * N, P, P, C) float32
-                total = crop if total is None else total + crop
-        pooled = total * (1.0 / float(ratio * ratio))
-        pooled = tf.cast(pooled, features.dtype)
-        return tf.reshape(pooled, [batch, num_rois, pool, pool, channels])
+        return roi_align(features, rois, self.pool_size, self.stride, self.sampling_ratio)
 
     def compute_output_shape(self, input_shape):
         feature_shape, roi_shape = input_shape
@@ -198,55 +136,27 @@ class ProposalLayer(keras.layers.Layer):
     def call(self, inputs, training=None):
         rpn_logits, rpn_deltas, anchors, image_sizes = inputs
         pre_nms_topk, post_nms_topk = self._topk(training)
-        rpn_logits = tf.stop_gradient(tf.cast(rpn_logits, tf.float32))  # (B, A)
-        rpn_deltas = tf.stop_gradient(tf.cast(rpn_deltas, tf.float32))  # (B, A, 4)
-        anchors = tf.cast(anchors, tf.float32)  # (A, 4)
-        image_sizes = tf.cast(image_sizes, tf.float32)  # (B, 2)
+        rpn_logits = ops.stop_gradient(ops.cast(rpn_logits, "float32"))  # (B, A)
+        rpn_deltas = ops.stop_gradient(ops.cast(rpn_deltas, "float32"))  # (B, A, 4)
+        anchors = ops.cast(anchors, "float32")  # (A, 4)
+        image_sizes = ops.cast(image_sizes, "float32")  # (B, 2)
 
-        num_anchors = rpn_logits.shape[1]
-        if num_anchors is not None:
-            k = min(pre_nms_topk, num_anchors)
-        else:
-            k = tf.minimum(pre_nms_topk, tf.shape(rpn_logits)[1])
-        top_logits, top_index = tf.math.top_k(rpn_logits, k=k, sorted=True)  # (B, k)
-        top_deltas = tf.gather(rpn_deltas, top_index, batch_dims=1)  # (B, k, 4)
-        top_anchors = tf.gather(anchors, top_index)  # (B, k, 4)
+        num_anchors = ops.shape(rpn_logits)[1]
+        k = min(pre_nms_topk, num_anchors) if isinstance(num_anchors, int) else ops.minimum(pre_nms_topk, num_anchors)
+        top_logits, top_index = ops.top_k(rpn_logits, k=k)  # (B, k), sorted
+        top_deltas = gather_rows(rpn_deltas, top_index)  # (B, k, 4)
+        top_anchors = ops.take(anchors, top_index, axis=0)  # (B, k, 4)
 
         proposal_boxes = box_ops.decode(top_deltas, top_anchors, self.box_weights)
         proposal_boxes = box_ops.clip(proposal_boxes, image_sizes[:, None, :])  # (B, k, 4)
         side = box_ops.min_side(proposal_boxes)  # (B, k)
-        keep = tf.logical_and(side >= self.min_size, side > 0.0)
-        # Dropped boxes get score -inf, which the NMS score threshold (the lowest finite float) rejects.
-        neg_inf = tf.constant(float("-inf"), tf.float32)
-        nms_scores = tf.where(keep, top_logits, neg_inf)
-
-        def nms_one_image(args):
-            image_boxes, image_scores = args
-            # NonMaxSuppressionV4 pads to a static size and suppresses IoU > threshold, like torchvision and
-            # Detectron2. (TF2's tf.image.non_max_suppression_padded runs a tiled algorithm that suppresses at
-            # IoU >= threshold and lets -inf scores through a -inf threshold, hence the raw op.)
-            selected, num_valid = tf.raw_ops.NonMaxSuppressionV4(
-                boxes=box_ops.to_yxyx(image_boxes),
-                scores=image_scores,
-                max_output_size=post_nms_topk,
-                iou_threshold=self.nms_thresh,
-                score_threshold=tf.float32.min,
-                pad_to_max_output_size=True,
-            )
-            return selected, num_valid
-
-        selected, num_valid = tf.map_fn(
-            nms_one_image,
-            (proposal_boxes, nms_scores),
-            fn_output_signature=(
-                tf.TensorSpec([post_nms_topk], tf.int32),
-                tf.TensorSpec([], tf.int32),
-            ),
-        )  # (B, R), (B,)
-        proposal_valid = tf.range(post_nms_topk)[None, :] < num_valid[:, None]  # (B, R)
-        proposals = tf.gather(proposal_boxes, selected, batch_dims=1)  # (B, R, 4)
-        proposals = tf.where(proposal_valid[:, :, None], proposals, tf.zeros_like(proposals))
-        return tf.stop_gradient(proposals), tf.stop_gradient(proposal_valid)
+        keep = ops.logical_and(side >= self.min_size, side > 0.0)
+        index, proposal_valid = non_max_suppression(
+            proposal_boxes, top_logits, keep, post_nms_topk, self.nms_thresh
+        )  # (B, R)
+        proposals = gather_rows(proposal_boxes, index)  # (B, R, 4)
+        proposals = ops.where(proposal_valid[:, :, None], proposals, 0.0)
+        return ops.stop_gradient(proposals), ops.stop_gradient(proposal_valid)
 
     def compute_output_spec(self, inputs, training=None):
         rpn_logits = inputs[0]
@@ -305,57 +215,53 @@ class DetectionLayer(keras.layers.Layer):
         self.nms_thresh = float(nms_thresh)
         self.max_detections = int(max_detections)
         self.box_weights = tuple(float(w) for w in box_weights)
-        # CombinedNonMaxSuppression has no XLA kernel (see RoiPoolingConv).
-        self.supports_jit = False
 
     def call(self, inputs):
         class_probs, box_deltas, proposals, proposal_valid, image_sizes = inputs
         num_fg = self.num_classes - 1
-        class_probs = tf.cast(class_probs, tf.float32)  # (B, R, C)
-        box_deltas = tf.cast(box_deltas, tf.float32)  # (B, R, 4 * K)
-        proposals = tf.cast(proposals, tf.float32)  # (B, R, 4)
-        proposal_valid = tf.cast(proposal_valid, tf.bool)  # (B, R)
-        image_sizes = tf.cast(image_sizes, tf.float32)  # (B, 2)
+        d = self.max_detections
+        class_probs = ops.cast(class_probs, "float32")  # (B, R, C)
+        box_deltas = ops.cast(box_deltas, "float32")  # (B, R, 4 * K)
+        proposals = ops.cast(proposals, "float32")  # (B, R, 4)
+        proposal_valid = ops.cast(proposal_valid, "bool")  # (B, R)
+        image_sizes = ops.cast(image_sizes, "float32")  # (B, 2)
         if class_probs.shape[-1] is not None and class_probs.shape[-1] != self.num_classes:
             raise ValueError(f"class_probs has {class_probs.shape[-1]} classes, expected {self.num_classes}")
         if box_deltas.shape[-1] is not None and box_deltas.shape[-1] != 4 * num_fg:
             raise ValueError(f"box_deltas has {box_deltas.shape[-1]} values per ROI, expected {4 * num_fg}")
 
-        batch = _dim(proposals, 0)
-        num_proposals = _dim(proposals, 1)
-        pred_deltas = tf.reshape(box_deltas, [batch, num_proposals, num_fg, 4])  # (B, R, K, 4)
+        num_proposals = ops.shape(proposals)[1]
+        pred_deltas = ops.reshape(box_deltas, (-1, num_proposals, num_fg, 4))  # (B, R, K, 4)
         pred_boxes = box_ops.decode(pred_deltas, proposals[:, :, None, :], self.box_weights)  # (B, R, K, 4)
         pred_boxes = box_ops.clip(pred_boxes, image_sizes[:, None, None, :])
         pred_scores = class_probs[:, :, 1:]  # (B, R, K): foreground classes only
-        neg_inf = tf.constant(float("-inf"), tf.float32)
-        pred_scores = tf.where(proposal_valid[:, :, None], pred_scores, neg_inf)
+        # Candidates: valid proposals with score > score_thresh (strict, as Detectron2) and finite numbers.
+        candidate = ops.logical_and(proposal_valid[:, :, None], pred_scores > self.score_thresh)
+        finite = ops.logical_and(ops.all(ops.isfinite(pred_boxes), axis=-1), ops.isfinite(pred_scores))
+        candidate = ops.logical_and(candidate, finite)
 
-        # combined_non_max_suppression: per-class NMS (suppress IoU > iou_threshold), candidates score >
-        # score_threshold (strict, as Detectron2), then the max_total_size best across classes sorted by score.
-        # With max_total_size = D no class can contribute more than D, so max_output_size_per_class = D loses
-        # nothing. clip_boxes=False: the boxes are pixels, not normalised; IoU does not care that they are yxyx.
-        nmsed = tf.image.combined_non_max_suppression(
-            box_ops.to_yxyx(pred_boxes),
-            pred_scores,
-            max_output_size_per_class=self.max_detections,
-            max_total_size=self.max_detections,
-            iou_threshold=self.nms_thresh,
-            score_threshold=self.score_thresh,
-            pad_per_class=False,
-            clip_boxes=False,
-        )
-        num_detections = tf.cast(nmsed.valid_detections, tf.int32)  # (B,)
-        det_valid = tf.range(self.max_detections)[None, :] < num_detections[:, None]  # (B, D)
-        det_boxes = box_ops.to_yxyx(nmsed.nmsed_boxes)  # the same swap converts yxyx back to xyxy
-        det_boxes = tf.where(det_valid[:, :, None], det_boxes, tf.zeros_like(det_boxes))
-        det_scores = tf.where(det_valid, nmsed.nmsed_scores, tf.zeros_like(nmsed.nmsed_scores))
-        # nmsed_classes index the K foreground columns: column k is class k + 1.
-        det_classes = tf.where(det_valid, tf.cast(nmsed.nmsed_classes, tf.int32) + 1, 0)
+        # Per-class NMS (Detectron2's fast_rcnn_inference), all classes at once: classes are folded into the
+        # batch, (B, R, K) -> (B * K, R). No class can contribute more than D to the final D, so D per class.
+        by_class_boxes = ops.reshape(ops.transpose(pred_boxes, (0, 2, 1, 3)), (-1, num_proposals, 4))
+        by_class_scores = ops.reshape(ops.transpose(pred_scores, (0, 2, 1)), (-1, num_proposals))
+        by_class_valid = ops.reshape(ops.transpose(candidate, (0, 2, 1)), (-1, num_proposals))
+        index, kept = non_max_suppression(by_class_boxes, by_class_scores, by_class_valid, d, self.nms_thresh)
+        kept_boxes = ops.reshape(gather_rows(by_class_boxes, index), (-1, num_fg * d, 4))  # (B, K * D, 4)
+        kept_scores = ops.where(kept, gather_rows(by_class_scores[:, :, None], index)[:, :, 0], float("-inf"))
+        kept_scores = ops.reshape(kept_scores, (-1, num_fg * d))  # (B, K * D)
+        kept_classes = ops.repeat(ops.arange(1, num_fg + 1, dtype="int32"), d)  # (K * D,): column k is class k + 1
+
+        # The D best across classes, by score.
+        det_scores, slot = ops.top_k(kept_scores, k=d)  # (B, D)
+        det_valid = det_scores > float("-inf")
+        det_boxes = ops.where(det_valid[:, :, None], gather_rows(kept_boxes, slot), 0.0)
+        det_classes = ops.where(det_valid, ops.take(kept_classes, slot, axis=0), 0)
+        det_scores = ops.where(det_valid, det_scores, 0.0)
         return {
             "boxes": det_boxes,
             "scores": det_scores,
-            "classes": det_classes,
-            "num_detections": num_detections,
+            "classes": ops.cast(det_classes, "int32"),
+            "num_detections": ops.sum(ops.cast(det_valid, "int32"), axis=1),
         }
 
     def compute_output_spec(self, inputs):

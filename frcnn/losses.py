@@ -8,7 +8,7 @@ Every loss is a total over the whole batch divided by a count over the whole bat
 means), and every count is guarded with ``max(count, 1)`` so an empty set gives 0, never NaN.
 """
 
-import tensorflow as tf
+from keras import ops
 
 from frcnn.targets import BACKGROUND, POSITIVE
 
@@ -21,15 +21,21 @@ def smooth_l1(x, beta):
 
     ``beta`` is a Python float; ``beta < 1e-5`` gives plain L1 ``|x|`` (as in Detectron2 / fvcore).
     """
-    x = tf.cast(x, tf.float32)
-    abs_x = tf.abs(x)
+    x = ops.cast(x, "float32")
+    abs_x = ops.abs(x)
     if beta < 1e-5:
         return abs_x
-    return tf.where(abs_x < beta, 0.5 * tf.square(x) / beta, abs_x - 0.5 * beta)
+    return ops.where(abs_x < beta, 0.5 * ops.square(x) / beta, abs_x - 0.5 * beta)
 
 
 def _count(mask):
-    return tf.maximum(tf.reduce_sum(tf.cast(mask, tf.float32)), 1.0)
+    return ops.maximum(ops.sum(ops.cast(mask, "float32")), 1.0)
+
+
+def sigmoid_cross_entropy(labels, logits):
+    """``-z log(sigmoid(x)) - (1 - z) log(1 - sigmoid(x))`` in the overflow-free form ``max(x, 0) - x z +
+    log(1 + exp(-|x|))``."""
+    return ops.maximum(logits, 0.0) - logits * labels + ops.log1p(ops.exp(-ops.abs(logits)))
 
 
 def rpn_losses(rpn_logits, rpn_deltas, labels, box_targets, beta=1.0 / 9.0):
@@ -50,19 +56,19 @@ def rpn_losses(rpn_logits, rpn_deltas, labels, box_targets, beta=1.0 / 9.0):
       - ``rpn_cls``: sigmoid binary cross-entropy summed over sampled anchors / #sampled (a mean);
       - ``rpn_box``: smooth-L1 summed over the 4 coordinates of positive anchors / #sampled.
     """
-    logits = tf.cast(rpn_logits, tf.float32)
-    deltas = tf.cast(rpn_deltas, tf.float32)
-    box_targets = tf.cast(box_targets, tf.float32)
-    labels = tf.cast(labels, tf.int32)
+    logits = ops.cast(rpn_logits, "float32")
+    deltas = ops.cast(rpn_deltas, "float32")
+    box_targets = ops.cast(box_targets, "float32")
+    labels = ops.cast(labels, "int32")
     sampled = labels >= 0
-    positive = labels == POSITIVE
+    positive = ops.equal(labels, POSITIVE)
     num_sampled = _count(sampled)
 
-    ce = tf.nn.sigmoid_cross_entropy_with_logits(labels=tf.cast(positive, tf.float32), logits=logits)
-    rpn_cls = tf.reduce_sum(tf.where(sampled, ce, 0.0)) / num_sampled
+    ce = sigmoid_cross_entropy(ops.cast(positive, "float32"), logits)
+    rpn_cls = ops.sum(ops.where(sampled, ce, 0.0)) / num_sampled
 
-    box = tf.reduce_sum(smooth_l1(deltas - box_targets, beta), axis=-1)  # (B, A)
-    rpn_box = tf.reduce_sum(tf.where(positive, box, 0.0)) / num_sampled
+    box = ops.sum(smooth_l1(deltas - box_targets, beta), axis=-1)  # (B, A)
+    rpn_box = ops.sum(ops.where(positive, box, 0.0)) / num_sampled
     return {"rpn_cls": rpn_cls, "rpn_box": rpn_box}
 
 
@@ -84,11 +90,11 @@ def roi_losses(class_probs, box_deltas, roi_classes, roi_box_targets, roi_valid,
       - ``roi_box``: smooth-L1 of the true class's deltas, summed over the 4 coordinates of foreground ROIs /
         #valid ROIs (Detectron2's normalisation: background ROIs count in the denominator).
     """
-    probs = tf.cast(class_probs, tf.float32)
-    deltas = tf.cast(box_deltas, tf.float32)
-    targets = tf.cast(roi_box_targets, tf.float32)
-    classes = tf.cast(roi_classes, tf.int32)
-    valid = tf.cast(roi_valid, tf.bool)
+    probs = ops.cast(class_probs, "float32")
+    deltas = ops.cast(box_deltas, "float32")
+    targets = ops.cast(roi_box_targets, "float32")
+    classes = ops.cast(roi_classes, "int32")
+    valid = ops.cast(roi_valid, "bool")
     num_classes = probs.shape[-1]
     if num_classes is not None and deltas.shape[-1] is not None and deltas.shape[-1] != 4 * (num_classes - 1):
         raise ValueError(
@@ -97,14 +103,15 @@ def roi_losses(class_probs, box_deltas, roi_classes, roi_box_targets, roi_valid,
         )
     num_valid = _count(valid)
 
-    true_prob = tf.gather(probs, classes, batch_dims=2)  # (B, S)
-    ce = -tf.math.log(tf.clip_by_value(true_prob, PROB_EPSILON, 1.0))
-    roi_cls = tf.reduce_sum(tf.where(valid, ce, 0.0)) / num_valid
+    true_prob = ops.take_along_axis(probs, classes[:, :, None], axis=2)[:, :, 0]  # (B, S)
+    ce = -ops.log(ops.clip(true_prob, PROB_EPSILON, 1.0))
+    roi_cls = ops.sum(ops.where(valid, ce, 0.0)) / num_valid
 
-    foreground = valid & (classes != BACKGROUND)
-    per_class = tf.reshape(deltas, tf.concat([tf.shape(deltas)[:2], [-1, 4]], axis=0))  # (B, S, C - 1, 4)
-    column = tf.maximum(classes - 1, 0)  # background rows pick class 1's deltas, then are masked out
-    class_deltas = tf.gather(per_class, column, batch_dims=2)  # (B, S, 4)
-    box = tf.reduce_sum(smooth_l1(class_deltas - targets, beta), axis=-1)  # (B, S)
-    roi_box = tf.reduce_sum(tf.where(foreground, box, 0.0)) / num_valid
+    foreground = ops.logical_and(valid, ops.not_equal(classes, BACKGROUND))
+    shape = ops.shape(deltas)
+    per_class = ops.reshape(deltas, (shape[0], shape[1], -1, 4))  # (B, S, C - 1, 4)
+    column = ops.maximum(classes - 1, 0)  # background rows pick class 1's deltas, then are masked out
+    class_deltas = ops.take_along_axis(per_class, column[:, :, None, None], axis=2)[:, :, 0, :]  # (B, S, 4)
+    box = ops.sum(smooth_l1(class_deltas - targets, beta), axis=-1)  # (B, S)
+    roi_box = ops.sum(ops.where(foreground, box, 0.0)) / num_valid
     return {"roi_cls": roi_cls, "roi_box": roi_box}

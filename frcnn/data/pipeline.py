@@ -6,6 +6,7 @@ Batch (B images, G = ``input.max_gt``)::
                                          input.size_divisibility (or both round_up(max_size) with input.fixed_size)
     image_sizes  (B, 2) int32            (height, width) of each resized image inside the padding
     scales       (B,) float32            resize factor: resized = original * scale (divide boxes by it to go back)
+    original_sizes (B, 2) int32          (height, width) of each original image (after EXIF orientation)
     gt_boxes     (B, G, 4) float32       (x1, y1, x2, y2) in resized pixels (frcnn.boxes); zeros where padded
     gt_classes   (B, G) int32            1..C-1; 0 where padded
     gt_valid     (B, G) bool
@@ -36,38 +37,15 @@ dataset in which every image fails ends instead of spinning forever.
 """
 
 import logging
-import math
 
 import numpy as np
 import tensorflow as tf
 
 from frcnn.data.imageio import load_image  # noqa: F401  (re-exported: the single-image loader for inference)
 from frcnn.data.records import DataError
+from frcnn.transform import padded_side, resize_image, resize_params, resize_params_tf
 
 logger = logging.getLogger("frcnn.data")
-
-
-def resize_params(height, width, min_size, max_size):
-    """``(scale, new_height, new_width)`` for an image of ``height x width``: shorter side ``min_size``, longer at
-    most ``max_size``. Pure Python, float64."""
-    scale = min(min_size / min(height, width), max_size / max(height, width))
-    new_h = max(1, min(int(math.floor(height * scale + 0.5)), max_size))
-    new_w = max(1, min(int(math.floor(width * scale + 0.5)), max_size))
-    return scale, new_h, new_w
-
-
-def resize_params_tf(height, width, min_size, max_size):
-    """:func:`resize_params` in the graph (float64, the same numbers), for a ``min_size`` drawn per image."""
-    h, w = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
-    min_size, max_size = tf.cast(min_size, tf.float64), tf.cast(max_size, tf.float64)
-    scale = tf.minimum(min_size / tf.minimum(h, w), max_size / tf.maximum(h, w))
-    new_h = tf.clip_by_value(tf.floor(h * scale + 0.5), 1.0, max_size)
-    new_w = tf.clip_by_value(tf.floor(w * scale + 0.5), 1.0, max_size)
-    return tf.cast(scale, tf.float32), tf.cast(tf.stack([new_h, new_w]), tf.int32)
-
-
-def padded_side(size_divisibility, side):
-    return int(math.ceil(side / size_divisibility) * size_divisibility)
 
 
 def decode_image(contents):
@@ -154,7 +132,7 @@ def _make_loader(cfg, training):
             pick = tf.random.stateless_uniform([], seed=seed + tf.constant([0, 1], tf.int64), maxval=len(min_sizes),
                                                dtype=tf.int32)
             scale, new_size = resize_params_tf(shape[0], shape[1], tf.gather(min_sizes, pick), cfg.input.max_size)
-        image = tf.image.resize(tf.cast(image, tf.float32), new_size, method="bilinear")
+        image = resize_image(image, new_size)
         image = tf.clip_by_value(image, 0.0, 255.0)  # bilinear never overshoots; kept as a guard for other methods
         boxes = tf.reshape(tf.cast(item["boxes"], tf.float32), [-1, 4]) * scale
         classes = tf.reshape(tf.cast(item["classes"], tf.int32), [-1])
@@ -180,6 +158,7 @@ def _make_loader(cfg, training):
             "images": image,
             "image_sizes": new_size,
             "scales": scale,
+            "original_sizes": shape,
             "gt_boxes": gt_boxes,
             "gt_classes": gt_classes,
             "gt_valid": tf.range(max_gt) < k,
@@ -225,6 +204,7 @@ def build_dataset(cfg, records, training, batch_size=None, seed=None):
         "images": [fixed, fixed, 3],
         "image_sizes": [2],
         "scales": [],
+        "original_sizes": [2],
         "gt_boxes": [cfg.input.max_gt, 4],
         "gt_classes": [cfg.input.max_gt],
         "gt_valid": [cfg.input.max_gt],
