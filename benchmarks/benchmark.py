@@ -20,8 +20,8 @@ What is measured (random weights, ``model.backbone_weights=none``, so nothing is
   raccoon data when it is present, next to the model's training images per second;
 - peak memory: the process's maximum resident set size (CPU) or TensorFlow's peak allocation on ``GPU:0``.
 
-Variants: ``fp32``; ``xla``: XLA on the whole step (``tf.function(jit_compile=True)``: reported n/a when some op
-has no XLA kernel), then XLA on the parts that compile (trunk + RPN head, ROI head); ``mixed``: ``mixed_float16``
+Variants: ``fp32``; ``xla``: XLA on the whole predict and train steps (``compile(jit_compile=True)``, what
+``train.jit_compile`` does); ``mixed``: ``mixed_float16``
 on a GPU, ``mixed_bfloat16`` on a CPU. By default each variant runs in its own process (``--no-isolate`` runs them
 in this one), so that its peak memory is its own and no global state (dtype policy, XLA caches) carries over.
 """
@@ -335,16 +335,16 @@ def analytic_flops(model, image_shape, num_rois):
     height, width = image_shape
     trunk_macs, trunk_layers = _functional_macs(model.trunk, (1, height, width, 3))
     feature_shape = model.trunk.compute_output_shape((1, height, width, 3))
-    rpn = model.rpn_head
+    rpn = model.rpn.head
     rpn_hidden = rpn.conv.compute_output_shape(feature_shape)
     rpn_macs = _conv_dense_macs(rpn.conv, rpn_hidden)
     rpn_macs += _conv_dense_macs(rpn.objectness, rpn.objectness.compute_output_shape(rpn_hidden))
     rpn_macs += _conv_dense_macs(rpn.deltas, rpn.deltas.compute_output_shape(rpn_hidden))
     pool = model.cfg.model.pool_size
-    res5 = model.roi_head.res5.layer
+    res5 = model.roi_heads.head.res5.layer
     res5_macs, res5_layers = _functional_macs(res5, (1, pool, pool, int(feature_shape[-1])))
     dense_macs = sum(
-        _conv_dense_macs(td.layer, None) for td in (model.roi_head.cls, model.roi_head.box)
+        _conv_dense_macs(td.layer, None) for td in (model.roi_heads.head.cls, model.roi_heads.head.box)
         if isinstance(td.layer, keras.layers.Dense)
     )
     parts = {
@@ -448,43 +448,31 @@ def compile_model(model, cfg):
     model.optimizer.build(model.trainable_variables)
 
 
-def enable_partial_xla(model):
-    """XLA on the parts that compile: trunk + RPN head (``_rpn``) and the ROI head (res5 + Dense).
-
-    Proposals (top-k, NMS), RoIAlign (``CropAndResize``), the training targets and the detection NMS stay
-    outside XLA. Done by wrapping the two methods of this model instance in ``tf.function(jit_compile=True)``.
-    """
-    import tensorflow as tf
-
-    object.__setattr__(model, "_rpn", tf.function(model._rpn, jit_compile=True))
-    object.__setattr__(model.roi_head, "call", tf.function(model.roi_head.call, jit_compile=True))
-    model.predict_function = None
-    model.train_function = None
-
-
 def inference_split(model, batch, repeats, budget):
     """Seconds per stage of one inference, each stage a separate tf.function fed the previous stage's outputs."""
     import tensorflow as tf
 
-    from frcnn import anchors as anchor_lib
-    from frcnn.model import preprocess
+    from frcnn.transform import normalize
 
-    m = model.cfg.model
+    i = model.cfg.input
     images = tf.constant(batch["images"])
     sizes = tf.constant(batch["image_sizes"])
+    rpn, roi_heads = model.rpn, model.roi_heads
 
     def proposals(features, logits, deltas, image_sizes):
         shape = tf.shape(features)
-        anchors = anchor_lib.grid_anchors(shape[1], shape[2], m.feature_stride, m.anchor_sizes, m.anchor_ratios)
-        return model.proposal_layer([logits, deltas, anchors, image_sizes], training=False)
+        return rpn.proposals([logits, deltas, rpn.anchors(shape[1], shape[2]), image_sizes], training=False)
+
+    def trunk(x, s):
+        return model.trunk(normalize(x, s, i.pixel_mean, i.pixel_std, i.channel_order), training=False)
 
     stages = [
-        ("trunk", tf.function(lambda x, s: model.trunk(preprocess(x, s), training=False))),
-        ("rpn_head", tf.function(lambda f: model.rpn_head(f))),
+        ("trunk", tf.function(trunk)),
+        ("rpn_head", tf.function(lambda f: rpn.head(f))),
         ("proposals", tf.function(proposals)),
-        ("roi_align", tf.function(lambda f, p: model.roi_pooling([f, p]))),
-        ("roi_head", tf.function(lambda x: model.roi_head(x, training=False))),
-        ("detections", tf.function(lambda c, b, p, v, s: model.detection_layer([c, b, p, v, s]))),
+        ("roi_align", tf.function(lambda f, p: roi_heads.pooler([f, p]))),
+        ("roi_head", tf.function(lambda x: roi_heads.head(x, training=False))),
+        ("detections", tf.function(lambda c, b, p, v, s: roi_heads.decoder([c, b, p, v, s]))),
     ]
     values = {}
 
@@ -561,9 +549,9 @@ def run_variant(args, variant, with_flops=False, split=False):
         if with_flops:
             result["flops"] = flops_figures(model, batch, args.rois)
         if variant == "xla":
-            result["rows"].append(whole_step_xla(model, batch, train_batch, args, result["notes"]))
-            enable_partial_xla(model)
-            name = "xla (trunk+heads)"
+            # train.jit_compile: Keras compiles the whole predict and train steps with XLA.
+            model.compile(optimizer=model.optimizer, jit_compile=True)
+            name = "xla (whole step)"
         else:
             name = variant
         row = {"variant": name, "policy": policy, "status": None}
@@ -606,44 +594,6 @@ def run_variant(args, variant, with_flops=False, split=False):
     finally:
         keras.mixed_precision.set_global_policy("float32")
     return result
-
-
-def whole_step_xla(model, batch, train_batch, args, notes):
-    """XLA on the whole predict and train steps, as ``compile(jit_compile=True)`` would ask for."""
-    import tensorflow as tf
-
-    row = {"variant": "xla (whole step)", "policy": "float32", "status": None}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "Model doesn't support jit_compile=True": reported as a note instead
-        model.compile(optimizer=model.optimizer, jit_compile=True)
-    if not model.jit_compile:
-        notes.append("model.compile(jit_compile=True) is switched off by Keras (a layer has supports_jit=False: "
-                     "RoiPoolingConv), so train.jit_compile=true trains without XLA; forced here with "
-                     "tf.function(jit_compile=True)")
-    model.compile(optimizer=model.optimizer, jit_compile=False)
-    inputs = {k: tf.constant(v) for k, v in batch.items()}
-    predict = tf.function(model.predict_step, jit_compile=True)
-    train = tf.function(model.train_step, jit_compile=True)
-    reasons = []
-    try:
-        log("xla (whole step): inference")
-        infer = timed(lambda: tf.nest.map_structure(lambda t: t.numpy(), predict(inputs)), args.repeats,
-                      args.budget)
-        row.update(infer_s=infer["median"], infer_runs=infer["runs"])
-    except (tf.errors.OpError, ValueError, TypeError) as err:
-        reasons.append("inference: " + short_reason(err))
-    try:
-        log("xla (whole step): training")
-        step = timed(lambda: float(train(train_batch)["loss"]), args.repeats, args.budget)
-        row.update(train_s=step["median"], train_runs=step["runs"])
-    except (tf.errors.OpError, ValueError, TypeError) as err:
-        reasons.append("training: " + short_reason(err))
-    if reasons:
-        reason = "; ".join(reasons)
-        if len(reasons) == 2 and reasons[0].split(": ", 1)[1] == reasons[1].split(": ", 1)[1]:
-            reason = reasons[0].split(": ", 1)[1]
-        row["status"] = f"n/a ({reason})"
-    return row
 
 
 def flops_figures(model, batch, num_rois):

@@ -16,7 +16,7 @@ from frcnn import evaluation
 from frcnn import training
 from frcnn.config import save_config
 from frcnn.fileio import remove_stale_temporaries
-from frcnn.model import build_model
+from frcnn.model import GT_KEYS, build_model
 from frcnn.visualize import draw_detections, save_image
 
 log = logging.getLogger(__name__)
@@ -32,18 +32,16 @@ def detect_records(model, cfg, records, max_images=None, verbose=1):
     if not records:
         return []
     dataset = data_lib.build_dataset(cfg, records, training=False, batch_size=cfg.eval.batch_size)
-    by_id = {r.image_id: r for r in records}
     progress = keras.utils.Progbar(len(records), verbose=verbose, unit_name="image")
     detections = []
     for batch in dataset:
-        out = model.predict_on_batch(batch)
+        # Without the ground truth, the model returns detections (in original pixels: the batch has scales).
+        out = model.predict_on_batch({k: v for k, v in batch.items() if k not in GT_KEYS})
         for j in range(len(out["num_detections"])):
             n = int(out["num_detections"][j])
-            image_id = int(out["image_ids"][j])
-            w, h = by_id[image_id].width, by_id[image_id].height
             detections.append({
-                "image_id": image_id,
-                "boxes": np.minimum(np.asarray(out["boxes"][j, :n], np.float32), np.float32([w, h, w, h])),
+                "image_id": int(out["image_ids"][j]),
+                "boxes": np.asarray(out["boxes"][j, :n], np.float32),
                 "scores": np.asarray(out["scores"][j, :n], np.float32),
                 "classes": np.asarray(out["classes"][j, :n], np.int32),
             })
@@ -151,9 +149,8 @@ def train(cfg, workdir, verbose=1):
     # Variables (model, optimizer) are created and restored inside the scope, so they are mirrored on every replica.
     with strategy.scope():
         model = build_model(cfg, load_weights=state is None)
-        # Never Keras' whole-step XLA (refused for this model: RoIAlign and NMS have no XLA kernels);
-        # train.jit_compile compiles the trunk + RPN head and the ROI head inside the step (FasterRCNN._xla).
-        model.compile(optimizer=training.make_optimizer(cfg, steps), jit_compile=False)
+        # train.jit_compile: XLA on the whole training step (every op of the model is keras.ops).
+        model.compile(optimizer=training.make_optimizer(cfg, steps), jit_compile=cfg.train.jit_compile)
         if state is not None:
             training.load_checkpoint(model, os.path.join(checkpoint_dir, training.LAST_WEIGHTS), with_optimizer=True)
             print(f"resuming from {checkpoint_dir}: epoch {state['epoch']}, global step {state['global_step']}")

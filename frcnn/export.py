@@ -16,7 +16,7 @@ resolved config in ``assets.extra/config.yaml``.
 Preprocessing is :meth:`frcnn.model.FasterRCNN.prepare_batch` in graph ops, so an exported model gives the
 detections of ``model.detect`` (float tolerance): decode with ``channels=3`` (grayscale replicated, alpha dropped),
 one scale ``min(min_size / shorter side, max_size / longer side)`` computed in float64 as Python does, resized
-side ``floor(side * scale + 0.5)`` kept within ``[1, max_size]`` (``frcnn.data.pipeline.resize_params``), bilinear
+side ``floor(side * scale + 0.5)`` kept within ``[1, max_size]`` (``frcnn.transform.resize_params``), bilinear
 ``tf.image.resize`` on float32 pixels, zero padding bottom / right to a multiple of ``input.size_divisibility`` (or
 to the fixed size with ``input.fixed_size``); boxes are divided by the scale. Not applied: the EXIF orientation
 of JPEG files (TensorFlow's decoder ignores it; ``frcnn.data.load_image`` applies it), so send upright pixels.
@@ -30,6 +30,7 @@ import tempfile
 import tensorflow as tf
 
 from frcnn.config import save_config
+from frcnn.transform import resize_image, resize_params_tf
 
 SERVING_SIGNATURE = "serving_default"
 IMAGE_SIGNATURE = "detect_image"
@@ -48,7 +49,6 @@ class DetectorModule(tf.Module):
         cfg = model.cfg.input
         self._min_size = float(cfg.test_min_size)
         self._max_size = float(cfg.max_size)
-        self._max_size_int = int(cfg.max_size)
         self._divisor = int(cfg.size_divisibility)
         self._fixed = int(math.ceil(cfg.max_size / cfg.size_divisibility) * cfg.size_divisibility) \
             if cfg.fixed_size else None
@@ -63,15 +63,8 @@ class DetectorModule(tf.Module):
     def resize(self, image):
         """uint8 (H, W, 3) -> float32 resized image, its (height, width) int32 and the scale (float32)."""
         shape = tf.shape(image)
-        height = tf.cast(shape[0], tf.float64)
-        width = tf.cast(shape[1], tf.float64)
-        scale = tf.minimum(self._min_size / tf.minimum(height, width), self._max_size / tf.maximum(height, width))
-        # frcnn.data.pipeline.resize_params in graph ops: floor(side * scale + 0.5), within [1, max_size].
-        new_h = tf.clip_by_value(tf.cast(tf.floor(height * scale + 0.5), tf.int32), 1, self._max_size_int)
-        new_w = tf.clip_by_value(tf.cast(tf.floor(width * scale + 0.5), tf.int32), 1, self._max_size_int)
-        size = tf.stack([new_h, new_w])
-        resized = tf.image.resize(tf.cast(image, tf.float32), size)  # bilinear, no antialias: as prepare_batch
-        return resized, size, tf.cast(scale, tf.float32)
+        scale, size = resize_params_tf(shape[0], shape[1], self._min_size, self._max_size)
+        return resize_image(image, size), size, scale
 
     def _padded_side(self, side):
         if self._fixed is not None:
@@ -117,13 +110,9 @@ class DetectorModule(tf.Module):
     # --------------------------------------------------------------------------------------------- inference
 
     def _run(self, batch):
-        out = self.model({"images": batch["images"], "image_sizes": batch["image_sizes"]}, training=False)
-        boxes = tf.cast(out["boxes"], tf.float32) / batch["scales"][:, None, None]
-        # As FasterRCNN.detect: clip to the original image (the rounded resized size can put an edge < 1 px out).
-        limits = tf.cast(tf.reverse(batch["original_sizes"], [1]), tf.float32)  # (N, 2) width, height
-        boxes = tf.minimum(boxes, tf.tile(limits, [1, 2])[:, None, :])
+        out = self.model(batch, training=False)  # boxes back in original pixels, clipped to the image
         return {
-            "boxes": boxes,
+            "boxes": tf.cast(out["boxes"], tf.float32),
             "scores": tf.cast(out["scores"], tf.float32),
             "classes": tf.cast(out["classes"], tf.int32),
             "num_detections": tf.cast(out["num_detections"], tf.int32),
@@ -178,8 +167,3 @@ def export_saved_model(model, out_dir):
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
-
-def read_class_names(export_dir):
-    """The class names of an exported model (index 0 is the background), from ``assets.extra/classes.txt``."""
-    with open(os.path.join(export_dir, EXTRA_DIR, "classes.txt"), encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f if line.strip()]

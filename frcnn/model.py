@@ -61,8 +61,10 @@ class FasterRCNN(keras.Model):
         self.loss_trackers = {name: keras.metrics.Mean(name=name) for name in LOSS_NAMES}
 
     def call(self, inputs, training=False):
-        """``{"images", "image_sizes"}`` -> detections in the (resized) input pixels; with ``gt_boxes``,
-        ``gt_classes`` and ``gt_valid`` in the dict as well -> ``{"rpn_cls", "rpn_box", "roi_cls", "roi_box"}``."""
+        """``{"images", "image_sizes"}`` -> detections in the (resized) input pixels; with ``scales`` (and
+        ``original_sizes``) in the batch, boxes in original image pixels (clipped to the image), and ``image_ids``
+        passed through. With ``gt_boxes``, ``gt_classes`` and ``gt_valid`` in the batch ->
+        ``{"rpn_cls", "rpn_box", "roi_cls", "roi_box"}``."""
         i = self.cfg.input
         image_sizes = ops.cast(inputs["image_sizes"], "int32")
         images = transform.normalize(inputs["images"], image_sizes, i.pixel_mean, i.pixel_std, i.channel_order)
@@ -70,7 +72,14 @@ class FasterRCNN(keras.Model):
         gt = {key: inputs[key] for key in GT_KEYS} if all(key in inputs for key in GT_KEYS) else None
         proposals, proposal_valid, losses = self.rpn(features, image_sizes, gt, training=training)
         outputs = self.roi_heads(features, proposals, proposal_valid, image_sizes, gt, training=training)
-        return outputs if gt is None else {**losses, **outputs}
+        if gt is not None:
+            return {**losses, **outputs}
+        if "scales" in inputs:  # a batch from the pipeline or prepare_batch: boxes back to original pixels
+            outputs = dict(outputs)
+            outputs["boxes"] = transform.to_original(outputs["boxes"], inputs["scales"], inputs.get("original_sizes"))
+        if "image_ids" in inputs:
+            outputs = {**outputs, "image_ids": inputs["image_ids"]}
+        return outputs
 
     # ---------------------------------------------------------------------------------------------- training
 
@@ -113,17 +122,6 @@ class FasterRCNN(keras.Model):
 
     # -------------------------------------------------------------------------------------------- inference
 
-    def predict_step(self, data):
-        """Detections for a batch; with ``scales`` in the batch, boxes are mapped back to original image pixels
-        (and clipped to the original image when ``original_sizes`` is there too)."""
-        data = _batch_dict(data)
-        out = dict(self({"images": data["images"], "image_sizes": data["image_sizes"]}, training=False))
-        if "scales" in data:
-            out["boxes"] = transform.to_original(out["boxes"], data["scales"], data.get("original_sizes"))
-        if "image_ids" in data:
-            out["image_ids"] = data["image_ids"]
-        return out
-
     def predict_on_batch(self, x):
         """Keras' ``predict_on_batch`` (detections of one batch as NumPy arrays), also under ``tf.distribute``.
 
@@ -140,7 +138,7 @@ class FasterRCNN(keras.Model):
         x = keras.tree.map_structure(tf.convert_to_tensor, _batch_dict(x))
         cache = self.__dict__.setdefault("_local_predict", [])  # out of sight of Keras' attribute tracking
         if not cache:
-            cache.append(tf.function(self.predict_step, reduce_retracing=True))
+            cache.append(tf.function(lambda batch: self(batch, training=False), reduce_retracing=True))
         return {name: value.numpy() for name, value in cache[0](x).items()}
 
     def detect(self, images, batch_size=None):

@@ -183,11 +183,13 @@ class WarmupStepDecay(keras.optimizers.schedules.LearningRateSchedule):
         self.gamma = float(gamma)
 
     def __call__(self, step):
-        step = tf.cast(step, tf.float32)
-        decays = tf.add_n([tf.cast(step >= b, tf.float32) for b in self.boundaries]) if self.boundaries else 0.0
-        lr = self.base_lr * tf.pow(self.gamma, decays)
+        step = keras.ops.cast(step, "float32")
+        decays = 0.0
+        for boundary in self.boundaries:
+            decays = decays + keras.ops.cast(step >= boundary, "float32")
+        lr = self.base_lr * keras.ops.power(self.gamma, decays)
         if self.warmup_steps > 0:
-            alpha = tf.minimum(step / self.warmup_steps, 1.0)
+            alpha = keras.ops.minimum(step / self.warmup_steps, 1.0)
             lr = lr * (self.warmup_factor * (1.0 - alpha) + alpha)
         return lr
 

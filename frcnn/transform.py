@@ -1,6 +1,6 @@
 """The one image transform: resize, pad and normalise on the way in, and the way back to original pixels.
 
-Used by the ``tf.data`` pipeline (:mod:`frcnn.data.pipeline`), ``FasterRCNN.detect`` / ``predict_step``, the
+Used by the ``tf.data`` pipeline (:mod:`frcnn.data.pipeline`), ``FasterRCNN.detect`` and ``call``, the
 evaluation job and the SavedModel export, so that all of them see the same pixels and give the same boxes.
 
 - Resize: one factor per image, ``scale = min(min_size / shorter side, max_size / longer side)`` computed in float64;

@@ -35,23 +35,25 @@ def test_backbone_is_keras_resnet50():
 
 def test_voc_roi_pooling_output_is_num_rois_14_14_1024(voc_model):
     images = {"images": tf.zeros((1, 96, 160, 3)), "image_sizes": tf.constant([[96, 160]])}
-    features, logits, deltas, anchors = voc_model._rpn(images["images"], images["image_sizes"], False)
+    features = voc_model.trunk(images["images"])
+    logits, deltas = voc_model.rpn.head(features)
+    anchors = voc_model.rpn.anchors(6, 10)
     assert features.shape[-1] == 1024 and features.shape[1:3] == (6, 10)  # stride 16
     assert anchors.shape[0] == 6 * 10 * 9 == logits.shape[1]
-    proposals, valid = voc_model.proposal_layer([logits, deltas, anchors, images["image_sizes"]], training=False)
-    pooled = voc_model.roi_pooling([features, proposals])
+    proposals, valid = voc_model.rpn.proposals([logits, deltas, anchors, images["image_sizes"]], training=False)
+    pooled = voc_model.roi_heads.pooler([features, proposals])
     assert tuple(pooled.shape) == (1, 300, 14, 14, 1024)
-    probs, box_deltas = voc_model.roi_head(pooled)
+    probs, box_deltas = voc_model.roi_heads.head(pooled)
     assert tuple(probs.shape) == (1, 300, 21) and tuple(box_deltas.shape) == (1, 300, 80)
     np.testing.assert_allclose(probs.numpy().sum(-1), 1.0, rtol=1e-5)
 
 
 def test_head_parameter_counts_closed_form(voc_model):
     c, feat = 21, 2048
-    cls_dense, box_dense = voc_model.roi_head.cls.layer, voc_model.roi_head.box.layer
+    cls_dense, box_dense = voc_model.roi_heads.head.cls.layer, voc_model.roi_heads.head.box.layer
     assert cls_dense.count_params() == feat * c + c
     assert box_dense.count_params() == feat * 4 * (c - 1) + 4 * (c - 1)
-    rpn = voc_model.rpn_head
+    rpn = voc_model.rpn.head
     assert rpn.count_params() == (3 * 3 * 1024 * 1024 + 1024) + (1024 * 9 + 9) + (1024 * 36 + 36)
     # The head's weights do not depend on how many ROIs it is applied to.
     head = heads.ROIHead(4)
@@ -152,7 +154,7 @@ def test_backbone_weights_from_local_file(tmp_path):
     model = frcnn.build_model(cfg)
     np.testing.assert_array_equal(model.trunk.get_layer("conv4_block6_3_conv").get_weights()[0],
                                   source.get_layer("conv4_block6_3_conv").get_weights()[0])
-    np.testing.assert_array_equal(model.roi_head.res5.layer.get_layer("conv5_block1_0_bn").get_weights()[2],
+    np.testing.assert_array_equal(model.roi_heads.head.res5.layer.get_layer("conv5_block1_0_bn").get_weights()[2],
                                   source.get_layer("conv5_block1_0_bn").get_weights()[2])
 
 

@@ -1,0 +1,103 @@
+"""Runs the detector on the Keras backend of the environment (KERAS_BACKEND) and writes what it computed as JSON.
+
+Used by tests/test_backends.py, which runs it once per backend in a subprocess (Keras picks its backend at import)
+and compares the results. usage: python backend_worker.py WORKDIR
+
+WORKDIR holds ``model.weights.h5``, ``batch.npz`` (a training batch in the docs/CONTRACTS.md format) and
+``images.npz`` written by the test; the worker writes ``result_<backend>.json``:
+- ``losses``: the four losses of the batch (sampling made deterministic by the config: every candidate sampled);
+- ``detections``: ``model.detect`` on the images;
+- ``roi_align``: the largest difference between RoIAlign (fixed and adaptive sampling) and the NumPy reference;
+- ``nms``: whether the padded NMS keeps exactly the reference NMS's boxes on random cases;
+- ``fit``: the losses of two training steps of ``model.fit`` (finite, the weights move).
+"""
+
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from keras import ops  # noqa: E402
+
+import reference as ref  # noqa: E402
+from frcnn import build_model, load_config  # noqa: E402
+from frcnn.ops import non_max_suppression, roi_align  # noqa: E402
+
+# Every anchor and every proposal is sampled (positive fraction 1, samples >= candidates), so the four losses do
+# not depend on the backend's random numbers.
+OVERRIDES = ["data.classes=[circle,square,triangle]", "model.rpn_batch_size_per_image=100000",
+             "model.rpn_positive_fraction=1.0", "model.num_rois=72", "model.roi_positive_fraction=1.0",
+             "model.score_thresh=0.0", "train.optimizer=sgd", "train.lr=0.01", "train.warmup_steps=0"]
+
+
+def check_roi_align():
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(2, 7, 9, 5)).astype(np.float32)
+    rois = np.stack([np.sort(rng.uniform(-20, 160, size=(6, 2, 2)), axis=1).reshape(6, 4)[:, [0, 2, 1, 3]]
+                     for _ in range(2)]).astype(np.float32)
+    worst = 0.0
+    for ratio in (2, 0):
+        out = ops.convert_to_numpy(roi_align(features, rois, 4, 16, ratio))
+        want = np.stack([ref.roi_align(features[b], rois[b], 4, 16, ratio) for b in range(2)])
+        worst = max(worst, float(np.abs(out - want).max()))
+    return worst
+
+
+def check_nms():
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        xy = rng.uniform(0, 80, size=(2, 40, 2))
+        boxes = np.concatenate([xy, xy + rng.uniform(5, 40, size=(2, 40, 2))], -1).astype(np.float32)
+        scores = rng.uniform(size=(2, 40)).astype(np.float32)
+        valid = rng.uniform(size=(2, 40)) > 0.2
+        index, kept = non_max_suppression(boxes, scores, valid, 12, 0.5)
+        index, kept = ops.convert_to_numpy(index), ops.convert_to_numpy(kept)
+        for b in range(2):
+            live = np.flatnonzero(valid[b])
+            want = live[ref.nms(boxes[b][live], scores[b][live], 0.5)][:12]
+            if list(index[b][kept[b]]) != list(want):
+                return False
+    return True
+
+
+def main(workdir):
+    cfg = load_config("test.yaml", OVERRIDES)
+    model = build_model(cfg, load_weights=False)
+    model.load_weights(os.path.join(workdir, "model.weights.h5"))
+    batch = dict(np.load(os.path.join(workdir, "batch.npz")))
+    losses = {k: float(ops.convert_to_numpy(v)) for k, v in model(batch, training=True).items()}
+    images = list(np.load(os.path.join(workdir, "images.npz")).values())
+    detections = [{k: np.asarray(v).tolist() for k, v in d.items()} for d in model.detect(images)]
+
+    from frcnn import training
+
+    model.compile(optimizer=training.make_optimizer(cfg, steps_per_epoch=10))
+    before = ops.convert_to_numpy(model.rpn.head.conv.kernel).copy()
+    history = model.fit(_repeat(batch), steps_per_epoch=2, epochs=1, verbose=0)
+    moved = float(np.abs(ops.convert_to_numpy(model.rpn.head.conv.kernel) - before).max())
+    result = {
+        "backend": keras.backend.backend(),
+        "losses": losses,
+        "detections": detections,
+        "roi_align": check_roi_align(),
+        "nms": check_nms(),
+        "fit": {"loss": history.history["loss"], "rpn_cls": history.history["rpn_cls"], "moved": moved},
+    }
+    with open(os.path.join(workdir, f"result_{keras.backend.backend()}.json"), "w") as f:
+        json.dump(result, f)
+
+
+def _repeat(batch):
+    import tensorflow as tf
+
+    return tf.data.Dataset.from_tensors(batch).repeat()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
