@@ -112,6 +112,12 @@ def train(cfg, workdir, verbose=1):
     # First, before any TensorFlow op: a multi-worker strategy configures the runtime's collectives at creation.
     strategy = training.make_strategy(cfg.train.strategy)
     chief = training.is_chief(strategy)
+    # Before anything is written there: two runs in one work directory overwrite each other's checkpoints.
+    with training.own_workdir(workdir, chief):
+        return _train(cfg, workdir, strategy, chief, verbose)
+
+
+def _train(cfg, workdir, strategy, chief, verbose):
     keras.utils.set_random_seed(cfg.train.seed)
     if cfg.train.batch_size % strategy.num_replicas_in_sync:
         raise training.TrainingError(
@@ -136,11 +142,12 @@ def train(cfg, workdir, verbose=1):
     if chief:
         remove_stale_temporaries(checkpoint_dir)  # left by a run killed while writing a checkpoint
     state = training.read_state(checkpoint_dir)
+    resume = training.has_checkpoint(checkpoint_dir)
     steps = training.steps_per_epoch(cfg, len(train_records))
-    # Multi-worker: every worker must resume from the same step (a shared --workdir) and cut the same epochs.
+    # Multi-worker: every worker must resume (from a shared --workdir) or not, and cut the same epochs.
     training.check_workers_agree(
-        strategy, [state["global_step"] if state else -1, steps, len(train_records)],
-        "the checkpoint step to resume from, the steps per epoch and the number of training images",
+        strategy, [int(resume), steps, len(train_records)],
+        "whether to resume from a checkpoint, the steps per epoch and the number of training images",
     )
     if state and state.get("steps_per_epoch") not in (None, steps):
         raise training.TrainingError(
@@ -150,13 +157,16 @@ def train(cfg, workdir, verbose=1):
 
     # Variables (model, optimizer) are created and restored inside the scope, so they are mirrored on every replica.
     with strategy.scope():
-        model = build_model(cfg, load_weights=state is None)
+        model = build_model(cfg, load_weights=not resume)
         # Never Keras' whole-step XLA (refused for this model: RoIAlign and NMS have no XLA kernels);
         # train.jit_compile compiles the trunk + RPN head and the ROI head inside the step (FasterRCNN._xla).
         model.compile(optimizer=training.make_optimizer(cfg, steps), jit_compile=False)
-        if state is not None:
-            training.load_checkpoint(model, os.path.join(checkpoint_dir, training.LAST_WEIGHTS), with_optimizer=True)
+        if resume:
+            # The step comes from the weights (state.json is checked against them): see restore_checkpoint.
+            state = training.restore_checkpoint(model, checkpoint_dir, steps, state)
             print(f"resuming from {checkpoint_dir}: epoch {state['epoch']}, global step {state['global_step']}")
+    if resume:
+        training.check_workers_agree(strategy, [state["global_step"]], "the checkpoint step to resume from")
     if strategy.num_replicas_in_sync > 1:
         print(f"{type(strategy).__name__}: {strategy.num_replicas_in_sync} replicas, global batch "
               f"{cfg.train.batch_size}, learning rate {training.learning_rate(cfg):g}")

@@ -74,3 +74,235 @@ def test_results_file_names_the_first_bad_entries_and_counts_the_rest(tmp_path, 
     assert _tool("evaluate").main(["--results", str(res), "--annotations", gt, "--out", str(tmp_path)]) == 0
     with open(tmp_path / "metrics.json", encoding="utf-8") as f:
         assert json.load(f)["AP"] == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------- defect 1: one run per work directory
+
+_HOLDER = """
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("fileio", sys.argv[1])
+fileio = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(fileio)
+with fileio.lock_directory(sys.argv[2], "training run"):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def _hold_lock(workdir):
+    """A process that owns ``workdir`` as a training run does (the same lock), without importing TensorFlow."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, os.path.join(ROOT, "frcnn", "fileio.py"), str(workdir)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_second_training_run_in_a_work_directory_is_refused_and_a_killed_owner_frees_it(tmp_path, capsys):
+    from frcnn import training
+
+    workdir = tmp_path / "run"
+    owner = _hold_lock(workdir)
+    try:
+        # The train tool in this process is the second run: refused before it writes anything, naming the owner.
+        code = _tool("train").main(["--config", "test.yaml", "--workdir", str(workdir), "--quiet",
+                                    "--set", f"data.root={tmp_path / 'shapes'}"])
+        err = capsys.readouterr().err
+        assert code == 2
+        assert str(workdir) in err and f"process {owner.pid}" in err and "in use by another training run" in err
+        assert sorted(os.listdir(workdir)) == [".lock"]  # no config.yaml, no checkpoints
+        # A non-chief worker of a multi-worker run shares the chief's directory: never refused.
+        with training.own_workdir(str(workdir), chief=False):
+            pass
+        with pytest.raises(training.TrainingError, match=f"process {owner.pid}"):
+            with training.own_workdir(str(workdir)):
+                pass
+    finally:
+        owner.kill()  # SIGKILL: no cleanup code runs in the owner
+        owner.wait()
+        owner.stdout.close()
+    with training.own_workdir(str(workdir)):  # the kernel released the dead owner's lock
+        with pytest.raises(training.TrainingError, match=f"process {os.getpid()}"):
+            with training.own_workdir(str(workdir)):  # and a second claim in the same process is refused too
+                pass
+    with training.own_workdir(str(workdir)):  # released on exit
+        pass
+
+
+# ---------------------------------------------------------- defect 2: a kill at any point of a checkpoint write
+
+
+def _tiny_model():
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="relu"), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(0.01, momentum=0.9), loss="mse")
+    model.build((None, 3))
+    return model
+
+
+def _data():
+    import numpy as np
+    import tensorflow as tf
+
+    # Every batch is the same, so only the restored weights, optimizer state and step can make runs differ.
+    x = np.tile(np.float32([[0.5, -1.0, 2.0]]), (8, 1))
+    return tf.data.Dataset.from_tensor_slices((x, x.sum(1, keepdims=True))).batch(1).repeat()
+
+
+EPOCHS, STEPS = 2, 4
+
+
+def _fit(model, ckpt, start_step=0, best=None):
+    from frcnn import training
+
+    stop = training.StopOnNonFinite()
+    manager = training.CheckpointManager(str(ckpt), STEPS, every_steps=1, best=best)
+    training.fit_resumable(model, _data(), EPOCHS, STEPS, [stop, manager], manager, stop, start_step=start_step,
+                           verbose=0)
+
+
+def _resume(ckpt):
+    """What frcnn.engine.train does on a restart: clear temporaries, restore, go on to the end."""
+    from frcnn import training
+    from frcnn.fileio import remove_stale_temporaries
+
+    remove_stale_temporaries(str(ckpt))
+    model = _tiny_model()
+    state = training.restore_checkpoint(model, str(ckpt), STEPS, training.read_state(str(ckpt)))
+    start = state["global_step"]
+    _fit(model, ckpt, start_step=start, best=state.get("best"))
+    return model, start
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: not an Exception, so no handler in the training code catches it."""
+
+
+KILL_POINTS = ["in_weights_write", "after_weights_rename", "in_state_write", "after_state_rename"]
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_kill_at_any_point_of_a_checkpoint_write_resumes_exactly(tmp_path, monkeypatch, point):
+    import shutil
+
+    import numpy as np
+
+    from frcnn import training
+
+    reference = _tiny_model()
+    _fit(reference, tmp_path / "reference")
+
+    ckpt = tmp_path / "ckpt"
+    kill_step = 3
+    real_weights, real_json = training.atomic_save_weights, training.atomic_write_json
+
+    def leave_partial(path, data):
+        # What a SIGKILL mid-write leaves: a partial temporary beside the target (atomic_path removes its own
+        # temporary when an exception passes; a killed process could not).
+        (tmp_path / "ckpt" / f".tmp-killed{os.path.splitext(path)[1]}").write_bytes(data)
+
+    def weights(model, path):
+        if int(model.optimizer.iterations.numpy()) == kill_step and point == "in_weights_write":
+            real_weights(model, str(tmp_path / "whole.weights.h5"))
+            leave_partial(path, (tmp_path / "whole.weights.h5").read_bytes()[:1000])
+            raise Killed
+        real_weights(model, path)
+        if int(model.optimizer.iterations.numpy()) == kill_step and point == "after_weights_rename":
+            raise Killed
+
+    def write_json(obj, path):
+        if obj["global_step"] == kill_step and point == "in_state_write":
+            leave_partial(path, json.dumps(obj).encode()[:10])
+            raise Killed
+        real_json(obj, path)
+        if obj["global_step"] == kill_step and point == "after_state_rename":
+            raise Killed
+
+    monkeypatch.setattr(training, "atomic_save_weights", weights)
+    monkeypatch.setattr(training, "atomic_write_json", write_json)
+    with pytest.raises(Killed):
+        _fit(_tiny_model(), ckpt)
+    monkeypatch.undo()
+    # The files as the kill left them: the weights may be one checkpoint ahead of the state, never behind.
+    weights_step = 2 if point == "in_weights_write" else 3
+    state_step = 3 if point == "after_state_rename" else 2
+    assert training.read_state(str(ckpt))["global_step"] == state_step
+
+    resumed, start = _resume(ckpt)
+    assert start == weights_step
+    assert int(resumed.optimizer.iterations.numpy()) == EPOCHS * STEPS  # not one step more or less
+    state = training.read_state(str(ckpt))
+    assert state["global_step"] == EPOCHS * STEPS and state["epoch"] == EPOCHS
+    for a, b in zip(resumed.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert not [n for n in os.listdir(ckpt) if n.startswith(".tmp-")]
+    shutil.rmtree(ckpt)
+
+
+def test_weights_without_state_resume_from_their_own_step(tmp_path):
+    from frcnn import training
+
+    model = _tiny_model()
+    _fit(model, tmp_path)
+    os.remove(tmp_path / training.STATE_FILE)  # e.g. killed after the very first weights rename
+    assert training.has_checkpoint(str(tmp_path)) and training.read_state(str(tmp_path)) is None
+    state = training.restore_checkpoint(_tiny_model(), str(tmp_path), STEPS)
+    assert state["global_step"] == EPOCHS * STEPS and state["epoch"] == EPOCHS
+
+
+# ------------------------------------------------------------------------ defect 3: a disk that fills up
+
+
+def test_disk_full_during_a_checkpoint_write_stops_with_a_message_and_keeps_the_old_one(tmp_path, monkeypatch):
+    import errno
+
+    from frcnn import training
+
+    model = _tiny_model()
+    manager = training.CheckpointManager(str(tmp_path), STEPS)
+    manager.set_model(model)
+    model.optimizer.build(model.trainable_variables)
+    manager.save()
+    before = {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)}
+    model.layers[0].kernel.assign(model.layers[0].kernel.numpy() + 1.0)
+
+    def full_disk(path, overwrite=True):
+        with open(path, "wb") as f:
+            f.write(b"\x89HDF\r\n\x1a\n" + b"\x00" * 100)  # a partial file, as h5py leaves it
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(model, "save_weights", full_disk)
+    with pytest.raises(training.TrainingError) as err:
+        manager.save()
+    message = str(err.value)
+    needed = training.checkpoint_bytes(model)
+    assert str(tmp_path) in message and f"{needed} bytes" in message and "last good checkpoint" in message
+    assert {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)} == before  # old files intact, no temp
+
+    # Known in advance: too little free space refuses the write before it starts (save_weights never called).
+    monkeypatch.setattr(training.shutil, "disk_usage", lambda p: shutil_usage(free=needed - 1))
+    monkeypatch.setattr(model, "save_weights", lambda *a, **k: pytest.fail("wrote with too little free space"))
+    with pytest.raises(training.TrainingError, match=rf"needs about {needed} bytes .*{needed - 1} bytes are free"):
+        manager.save()
+    assert {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)} == before
+
+
+def shutil_usage(free):
+    import shutil
+
+    return shutil._ntuple_diskusage(total=free * 2, used=free, free=free)
+
+
+def test_checkpoint_size_estimate_covers_the_written_file(tmp_path):
+    from frcnn import training
+
+    model = _tiny_model()
+    model.optimizer.build(model.trainable_variables)
+    path = tmp_path / "x.weights.h5"
+    training.atomic_save_weights(model, str(path))
+    assert training.checkpoint_bytes(model) >= os.path.getsize(path)
+    assert training.checkpoint_bytes(model, str(path)) >= os.path.getsize(path)
