@@ -52,15 +52,26 @@ def detect_records(model, cfg, records, max_images=None, verbose=1):
 
 
 def evaluate_records(model, cfg, records, class_names, category_ids=None, max_images=None, verbose=1):
-    """COCO-style (pycocotools) and VOC07 metrics of ``model`` on ``records``; returns (metrics, detections)."""
+    """COCO-style (pycocotools) and VOC07 metrics of ``model`` on ``records``; returns (metrics, detections).
+
+    An image the pipeline cannot decode stays in the evaluation with no detections: its ground-truth objects count
+    as missed. Leaving it out would raise the score by hiding those objects. Such files are named in a warning and
+    listed in ``metrics["unreadable_images"]``; ``detections`` has an empty entry for each.
+    """
     records = list(records)[:max_images] if max_images else list(records)
     detections = detect_records(model, cfg, records, verbose=verbose)
     seen = {d["image_id"] for d in detections}
-    evaluated = [r for r in records if r.image_id in seen]
-    if len(evaluated) < len(records):
-        log.warning("%d of %d images could not be read and are left out of the evaluation",
-                    len(records) - len(evaluated), len(records))
-    metrics = evaluation.evaluate(evaluated, detections, class_names, category_ids=category_ids)
+    unreadable = [r for r in records if r.image_id not in seen]
+    if unreadable:
+        objects = sum(int(np.sum(~r.ignore)) for r in unreadable)
+        log.warning("%d of %d images could not be read; their %d ground-truth objects count as missed: %s",
+                    len(unreadable), len(records), objects, ", ".join(r.file_name for r in unreadable))
+        for r in unreadable:
+            detections.append({"image_id": r.image_id, "boxes": np.zeros((0, 4), np.float32),
+                               "scores": np.zeros((0,), np.float32), "classes": np.zeros((0,), np.int32)})
+        detections.sort(key=lambda d: d["image_id"])
+    metrics = evaluation.evaluate(records, detections, class_names, category_ids=category_ids)
+    metrics["unreadable_images"] = [r.file_name for r in unreadable]
     return metrics, detections
 
 

@@ -306,3 +306,98 @@ def test_checkpoint_size_estimate_covers_the_written_file(tmp_path):
     training.atomic_save_weights(model, str(path))
     assert training.checkpoint_bytes(model) >= os.path.getsize(path)
     assert training.checkpoint_bytes(model, str(path)) >= os.path.getsize(path)
+
+
+# ------------------------------------------------------------ defect 5: images that do not decode are named
+
+
+def _voc_with_corrupt_png(tmp_path, n=3, bad="b"):
+    """A VOC root of ``n`` noise images with one box each; image ``bad`` is a PNG whose header and IEND chunk are
+    sound (so indexing keeps it) but whose pixel data is garbage."""
+    import cv2
+    import numpy as np
+
+    sys_path_tests()
+    from test_data import make_voc, noise_image
+
+    ids = [chr(ord("a") + i) for i in range(n)]
+    root = make_voc(tmp_path / "voc", [(i, noise_image(40, 48, k), [{"name": "dog", "box": (5, 6, 30, 32)}], "real")
+                                       for k, i in enumerate(ids)])
+    png = cv2.imencode(".png", noise_image(40, 48))[1].tobytes()
+    with open(os.path.join(root, "JPEGImages", f"{bad}.jpg"), "wb") as f:
+        f.write(png[:60] + b"\x00" * 200 + b"IEND\xaeB`\x82")
+    return root
+
+
+def sys_path_tests():
+    import sys
+
+    if os.path.join(ROOT, "tests") not in sys.path:
+        sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+
+def test_training_names_an_image_that_does_not_decode(tmp_path, caplog):
+    import logging
+
+    from frcnn import data
+
+    sys_path_tests()
+    from test_data import make_cfg
+
+    root = _voc_with_corrupt_png(tmp_path)
+    cfg = make_cfg(root, data_extra={"classes": ["dog"]})
+    records, _, report = data.load_records(cfg, "train")
+    assert len(records) == 3 and not report  # the header check passes it
+    with caplog.at_level(logging.WARNING, logger="frcnn.data"):
+        batches = list(data.build_dataset(cfg, records, training=True, batch_size=2).take(4))
+    ids = {int(i) for b in batches for i in b["image_ids"].numpy()}
+    assert ids == {0, 2}  # b (id 1) is skipped, the others train
+    named = [r.getMessage() for r in caplog.records if "b.jpg" in r.getMessage()]
+    assert len(named) == 1, named  # named once, not once per epoch
+    assert "image does not decode" in named[0] and "image skipped" in named[0]
+
+
+def test_a_dataset_whose_every_image_fails_ends_instead_of_spinning(tmp_path):
+    from frcnn import data
+
+    sys_path_tests()
+    from test_data import make_cfg
+
+    root = _voc_with_corrupt_png(tmp_path, n=1, bad="a")
+    cfg = make_cfg(root, data_extra={"classes": ["dog"]})
+    records, _, _ = data.load_records(cfg, "train")
+    assert list(data.build_dataset(cfg, records, training=True, batch_size=1)) == []
+
+
+class _Oracle:
+    """A stand-in detector that returns every training box of the batch exactly (score 1): perfect detections."""
+
+    def predict_on_batch(self, batch):
+        import numpy as np
+
+        valid = batch["gt_valid"].numpy()
+        scales = batch["scales"].numpy()[:, None, None]
+        return {"num_detections": valid.sum(1).astype(np.int32), "image_ids": batch["image_ids"].numpy(),
+                "boxes": batch["gt_boxes"].numpy() / scales, "scores": valid.astype(np.float32),
+                "classes": batch["gt_classes"].numpy()}
+
+
+def test_evaluation_counts_the_objects_of_an_unreadable_image_as_missed(tmp_path, caplog):
+    import logging
+
+    from frcnn import data, engine
+
+    sys_path_tests()
+    from test_data import make_cfg
+
+    root = _voc_with_corrupt_png(tmp_path)
+    cfg = make_cfg(root, data_extra={"classes": ["dog"]})
+    records, names, _ = data.load_records(cfg, "train")
+    with caplog.at_level(logging.WARNING, logger="frcnn.engine"):
+        metrics, detections = engine.evaluate_records(_Oracle(), cfg, records, names, verbose=0)
+    assert metrics["unreadable_images"] == [records[1].file_name]
+    assert any("b.jpg" in r.getMessage() and "count as missed" in r.getMessage() for r in caplog.records)
+    assert metrics["num_images"] == 3 and [d["image_id"] for d in detections] == [0, 1, 2]
+    # Two of the three objects are found: recall 2/3, not the perfect score that dropping the image would give.
+    assert metrics["AR100"] == pytest.approx(2 / 3, abs=1e-6)
+    assert metrics["voc07_mAP50"] < 0.9 and metrics["AP50"] < 0.9

@@ -29,9 +29,9 @@ Training: shuffle (``data.shuffle_buffer``, reshuffled each epoch), flip, repeat
 (static batch dimension). Evaluation: the record order, no flip, no repeat, the last batch may be smaller.
 
 Bad images: files that are missing, empty, truncated or not images were already skipped when the records were read
-(with the reason in the report). Whatever still fails to decode is skipped by ``ignore_errors`` and logged by
-TensorFlow with the error (an assertion names the file when the decoded size disagrees with the record); in strict
-mode (``data.strict``) it stops the input instead. In training, ``repeat`` comes after ``ignore_errors`` so that a
+(with the reason in the report). Whatever still fails to decode (corrupt pixel data behind a sound header, a file
+changed since) is skipped and named once, with the reason, on the ``frcnn.data`` logger (see
+:func:`_load_skipping_failures`); in strict mode (``data.strict``) it stops the input instead. In training, ``repeat`` comes after ``ignore_errors`` so that a
 dataset in which every image fails ends instead of spinning forever.
 """
 
@@ -189,6 +189,57 @@ def _make_loader(cfg, training):
     return load
 
 
+def _load_skipping_failures(ds, load, parallel):
+    """``ds.map(load)`` that skips the images whose decoding fails and names each of them once, with the reason,
+    on the ``frcnn.data`` logger.
+
+    ``ignore_errors`` alone drops them silently: its warning goes to TensorFlow's C++ log, which the tools hide
+    (TF_CPP_MIN_LOG_LEVEL=2), and it does not know the file. So each image is loaded in a one-element dataset whose
+    errors are ignored, followed by a placeholder flagged as failed; the first of the two is kept. Only a failed
+    image reaches Python (to decode it again for the reason and log it), so the good path stays in the graph.
+    """
+    reported = set()
+
+    def report(path, orientation, size):
+        name = path.numpy().decode("utf-8", "replace")
+        if name not in reported:  # once per file, not once per epoch
+            reported.add(name)
+            problem = _decode_problem(name, int(orientation), tuple(int(v) for v in size.numpy()))
+            logger.warning("%s: image does not decode (%s) -> image skipped", name, problem or "unknown error")
+        return False
+
+    def one(item, seed):
+        loaded = tf.data.Dataset.from_tensors((item, seed)).map(load).ignore_errors()
+        spec = loaded.element_spec
+        placeholder = tf.nest.map_structure(
+            lambda s: tf.zeros([0 if d is None else d for d in s.shape], s.dtype), spec)
+        flagged = loaded.map(lambda x: (x, True))
+        fallback = tf.data.Dataset.from_tensors((placeholder, False))
+        return flagged.concatenate(fallback).take(1).map(
+            lambda x, ok: (x, ok, item["file_name"], item["orientation"], item["size"]))
+
+    def keep(x, ok, path, orientation, size):
+        return tf.cond(ok, lambda: tf.constant(True),
+                       lambda: tf.py_function(report, [path, orientation, size], tf.bool))
+
+    # One element per inner dataset and deterministic round robin: the output keeps the record order.
+    ds = ds.interleave(one, cycle_length=None if parallel == tf.data.AUTOTUNE else parallel,
+                       num_parallel_calls=parallel, deterministic=True)
+    return ds.filter(keep).map(lambda x, ok, path, orientation, size: x)
+
+
+def _decode_problem(file_name, orientation, size):
+    """Why ``file_name`` cannot be used as the pipeline decodes it (a string), or None when it decodes to the
+    ``(height, width)`` its record says."""
+    try:
+        image = apply_orientation(decode_image(tf.io.read_file(file_name)), orientation)
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.UnknownError) as err:
+        return err.message.split("[Op:")[0].strip()
+    if tuple(image.shape[:2]) != tuple(size):
+        return f"decodes to {image.shape[1]}x{image.shape[0]} but the record says {size[1]}x{size[0]}"
+    return None
+
+
 def build_dataset(cfg, records, training, batch_size=None, seed=None):
     """A ``tf.data.Dataset`` of batches as in the module docstring.
 
@@ -215,9 +266,10 @@ def build_dataset(cfg, records, training, batch_size=None, seed=None):
         ds = tf.data.Dataset.zip((ds, seeds))
     else:
         ds = ds.map(lambda item: (item, tf.zeros([2], tf.int64)))
-    ds = ds.map(_make_loader(cfg, training), num_parallel_calls=parallel)
-    if not cfg.data.strict:
-        ds = ds.ignore_errors(log_warning=True)
+    if cfg.data.strict:
+        ds = ds.map(_make_loader(cfg, training), num_parallel_calls=parallel)
+    else:
+        ds = _load_skipping_failures(ds, _make_loader(cfg, training), parallel)
     if training:
         ds = ds.repeat()
     fixed = padded_side(cfg.input.size_divisibility, cfg.input.max_size) if cfg.input.fixed_size else None
@@ -247,14 +299,7 @@ def check_decodable(records, report, num_workers=None):
     from frcnn.data.records import RecordList
 
     def decode(record):
-        try:
-            image = apply_orientation(decode_image(tf.io.read_file(record.file_name)), record.orientation)
-        except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.UnknownError) as err:
-            return err.message.split("[Op:")[0].strip()
-        if tuple(image.shape[:2]) != (record.height, record.width):
-            return (f"decodes to {image.shape[1]}x{image.shape[0]} but the record says "
-                    f"{record.width}x{record.height}")
-        return None
+        return _decode_problem(record.file_name, record.orientation, (record.height, record.width))
 
     workers = num_workers or min(16, os.cpu_count() or 1)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
