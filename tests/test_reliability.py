@@ -401,3 +401,79 @@ def test_evaluation_counts_the_objects_of_an_unreadable_image_as_missed(tmp_path
     # Two of the three objects are found: recall 2/3, not the perfect score that dropping the image would give.
     assert metrics["AR100"] == pytest.approx(2 / 3, abs=1e-6)
     assert metrics["voc07_mAP50"] < 0.9 and metrics["AP50"] < 0.9
+
+
+# ----------------------------------------------------------------- weak case: a JPEG cut short (download stopped)
+
+
+def _cut_jpeg_voc(tmp_path, fraction):
+    import cv2
+
+    sys_path_tests()
+    from test_data import make_voc, noise_image
+
+    # Smooth content: noise compresses to the same bytes per row everywhere, so the fraction of bytes kept is about
+    # the fraction of rows that arrive (to the 16-row MCU).
+    image = cv2.GaussianBlur(noise_image(256, 192), (0, 0), 3)
+    root = make_voc(tmp_path / "voc", [("a", noise_image(64, 64), [{"name": "dog", "box": (5, 5, 30, 30)}], "real"),
+                                       ("cut", image, [{"name": "dog", "box": (5, 5, 100, 60)}], "real")])
+    path = os.path.join(root, "JPEGImages", "cut.jpg")
+    with open(path, "rb") as f:
+        content = f.read()
+    with open(path, "wb") as f:
+        f.write(content[: int(len(content) * fraction)])
+    import tensorflow as tf
+
+    full = tf.io.decode_jpeg(content, channels=3).numpy()  # the decoder the pipeline uses (OpenCV rounds apart)
+    return root, path, full
+
+
+def test_jpeg_cut_at_60_percent_is_used_with_a_warning_naming_the_fraction(tmp_path, caplog):
+    import logging
+
+    import numpy as np
+
+    from frcnn import data
+    from frcnn.data.imageio import TRUNCATED_FILL
+
+    sys_path_tests()
+    from test_data import make_cfg
+
+    root, path, full = _cut_jpeg_voc(tmp_path, 0.6)
+    cfg = make_cfg(root, data_extra={"classes": ["dog"]}, input_extra={"min_size": 256, "max_size": 256,
+                                                                      "flip": False})
+    records, _, report = data.load_records(cfg, "train")
+    assert [r.source_id for r in records] == ["a", "cut"]
+    cut = records[1]
+    assert 0.5 <= cut.valid_rows / 256 <= 0.65, cut.valid_rows
+    warning = [i for i in report.warnings if i.path == path]
+    assert len(warning) == 1 and "truncated JPEG" in warning[0].problem
+    assert f"{cut.valid_rows / 256:.0%} of its rows arrived" in warning[0].problem
+
+    # The pipeline decodes the rows that arrived, exactly, and fills the rest with gray.
+    batch = next(iter(data.build_dataset(cfg, records[1:], training=False, batch_size=1)))
+    image = batch["images"][0].numpy()[:256, :192]
+    arrived = cut.valid_rows
+    np.testing.assert_allclose(image[: arrived - 16], full[: arrived - 16], atol=1)  # resize 256 -> 256: identity
+    assert np.all(image[arrived + 1:] == TRUNCATED_FILL)
+
+    # Inference reads it the same way (OpenCV alone returns nothing), naming the file and the fraction.
+    with caplog.at_level(logging.WARNING, logger="frcnn.data"):
+        loaded = data.load_image(path)
+    assert loaded.shape == full.shape and np.array_equal(loaded[:arrived], image[:arrived].astype(np.uint8))
+    assert any("cut.jpg" in r.getMessage() and "% of its rows arrived" in r.getMessage() for r in caplog.records)
+
+
+def test_jpeg_with_too_few_rows_is_skipped_naming_the_threshold(tmp_path):
+    from frcnn import data
+
+    sys_path_tests()
+    from test_data import make_cfg
+
+    root, path, _ = _cut_jpeg_voc(tmp_path, 0.3)
+    records, _, report = data.load_records(make_cfg(root, data_extra={"classes": ["dog"]}), "train")
+    assert [r.source_id for r in records] == ["a"]
+    [issue] = report.skipped
+    assert issue.path == path and "truncated JPEG" in issue.problem and "fewer than the 50% needed" in issue.problem
+    with pytest.raises(data.DataError, match="cut.jpg.*fewer than the 50% needed"):
+        data.load_image(path)

@@ -18,7 +18,7 @@ import os
 import numpy as np
 
 from frcnn.config import data_roots
-from frcnn.data.imageio import ImageProblem, inspect_image, reconcile_size
+from frcnn.data.imageio import TRUNCATED_ACTION, ImageProblem, inspect_image, reconcile_size, truncated_problem
 from frcnn.data.records import (DataError, IssueCollector, RecordList, Report, check_boxes, make_record,
                                 optional_int)
 from frcnn.data.voc import _workers, check_root
@@ -170,6 +170,8 @@ def load_coco(cfg, split, class_names=None, report=None):
         size = (optional_int(entry.get("width")), optional_int(entry.get("height")))
         size = None if None in size or min(size) <= 0 else size
         width, height, orientation, problem = reconcile_size(info, size)
+        if info.valid_rows:
+            issues.warn(path, truncated_problem(info) + f" (image id {image_id})", TRUNCATED_ACTION)
         if size is None:
             issues.warn(ann_path, f"missing or invalid size: image id {image_id}",
                         f"using the real image size {width}x{height}")
@@ -197,5 +199,6 @@ def load_coco(cfg, split, class_names=None, report=None):
             ignore=crowd,
             source_id=image_id,
             orientation=orientation,
+            valid_rows=info.valid_rows,
         ))
     return records, report

@@ -41,6 +41,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from frcnn.data.imageio import TRUNCATED_FILL
 from frcnn.data.imageio import load_image  # noqa: F401  (re-exported: the single-image loader for inference)
 from frcnn.data.records import DataError
 
@@ -73,6 +74,20 @@ def padded_side(size_divisibility, side):
 def decode_image(contents):
     """Encoded bytes -> ``(H, W, 3)`` uint8 RGB (grayscale replicated, alpha dropped, first frame of a GIF)."""
     image = tf.io.decode_image(contents, channels=3, dtype=tf.uint8, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def decode_record_image(contents, valid_rows):
+    """:func:`decode_image`, or for a JPEG cut short (``valid_rows`` > 0, scalar int32 tensor) the rows that arrived
+    with the rest set to :data:`frcnn.data.imageio.TRUNCATED_FILL` (libjpeg's invented rows are arbitrary)."""
+
+    def recover():
+        image = tf.io.decode_jpeg(contents, channels=3, try_recover_truncated=True)
+        arrived = tf.range(tf.shape(image)[0]) < valid_rows
+        return tf.where(arrived[:, None, None], image, tf.constant(TRUNCATED_FILL, tf.uint8))
+
+    image = tf.cond(valid_rows > 0, recover, lambda: decode_image(contents))
     image.set_shape([None, None, 3])
     return image
 
@@ -123,6 +138,7 @@ def _slices(cfg, records):
         "image_id": tf.constant([r.image_id for r in records], tf.int64),
         "size": tf.constant([[r.height, r.width] for r in records], tf.int32),
         "orientation": tf.constant([r.orientation for r in records], tf.int32),
+        "valid_rows": tf.constant([r.valid_rows for r in records], tf.int32),
         "scale": tf.constant([p[0] for p in params], tf.float32),
         "new_size": tf.constant([[p[1], p[2]] for p in params], tf.int32),
         "boxes": tf.RaggedTensor.from_row_lengths(flat_boxes, lengths),
@@ -140,7 +156,7 @@ def _make_loader(cfg, training):
 
     def load(item, seed):
         path = item["file_name"]
-        image = decode_image(tf.io.read_file(path))
+        image = decode_record_image(tf.io.read_file(path), item["valid_rows"])
         image = apply_orientation(image, item["orientation"])
         shape = tf.shape(image)[:2]
         same = tf.reduce_all(tf.equal(shape, item["size"]))
@@ -200,11 +216,11 @@ def _load_skipping_failures(ds, load, parallel):
     """
     reported = set()
 
-    def report(path, orientation, size):
+    def report(path, orientation, size, valid_rows):
         name = path.numpy().decode("utf-8", "replace")
         if name not in reported:  # once per file, not once per epoch
             reported.add(name)
-            problem = _decode_problem(name, int(orientation), tuple(int(v) for v in size.numpy()))
+            problem = _decode_problem(name, int(orientation), tuple(int(v) for v in size.numpy()), int(valid_rows))
             logger.warning("%s: image does not decode (%s) -> image skipped", name, problem or "unknown error")
         return False
 
@@ -216,23 +232,23 @@ def _load_skipping_failures(ds, load, parallel):
         flagged = loaded.map(lambda x: (x, True))
         fallback = tf.data.Dataset.from_tensors((placeholder, False))
         return flagged.concatenate(fallback).take(1).map(
-            lambda x, ok: (x, ok, item["file_name"], item["orientation"], item["size"]))
+            lambda x, ok: (x, ok, item["file_name"], item["orientation"], item["size"], item["valid_rows"]))
 
-    def keep(x, ok, path, orientation, size):
-        return tf.cond(ok, lambda: tf.constant(True),
-                       lambda: tf.py_function(report, [path, orientation, size], tf.bool))
+    def keep(x, ok, *where):
+        return tf.cond(ok, lambda: tf.constant(True), lambda: tf.py_function(report, list(where), tf.bool))
 
     # One element per inner dataset and deterministic round robin: the output keeps the record order.
     ds = ds.interleave(one, cycle_length=None if parallel == tf.data.AUTOTUNE else parallel,
                        num_parallel_calls=parallel, deterministic=True)
-    return ds.filter(keep).map(lambda x, ok, path, orientation, size: x)
+    return ds.filter(keep).map(lambda x, ok, *where: x)
 
 
-def _decode_problem(file_name, orientation, size):
+def _decode_problem(file_name, orientation, size, valid_rows=0):
     """Why ``file_name`` cannot be used as the pipeline decodes it (a string), or None when it decodes to the
     ``(height, width)`` its record says."""
     try:
-        image = apply_orientation(decode_image(tf.io.read_file(file_name)), orientation)
+        image = apply_orientation(decode_record_image(tf.io.read_file(file_name), tf.constant(valid_rows)),
+                                  orientation)
     except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.UnknownError) as err:
         return err.message.split("[Op:")[0].strip()
     if tuple(image.shape[:2]) != tuple(size):
@@ -299,7 +315,8 @@ def check_decodable(records, report, num_workers=None):
     from frcnn.data.records import RecordList
 
     def decode(record):
-        return _decode_problem(record.file_name, record.orientation, (record.height, record.width))
+        return _decode_problem(record.file_name, record.orientation, (record.height, record.width),
+                               record.valid_rows)
 
     workers = num_workers or min(16, os.cpu_count() or 1)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:

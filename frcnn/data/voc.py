@@ -19,7 +19,7 @@ import xml.etree.ElementTree as ET
 import numpy as np
 
 from frcnn.config import data_roots
-from frcnn.data.imageio import ImageProblem, inspect_image, reconcile_size
+from frcnn.data.imageio import TRUNCATED_ACTION, ImageProblem, inspect_image, reconcile_size, truncated_problem
 from frcnn.data.records import (DataError, IssueCollector, RecordList, Report, check_boxes, class_index,
                                 logger, make_record)
 
@@ -173,6 +173,8 @@ def _index_image(root, image_id, inspect=True):
     except ImageProblem as err:
         issues.skip(image_path, str(err) + f" (annotation {xml_path})")
         return None, issues.issues
+    if info.valid_rows:
+        issues.warn(image_path, truncated_problem(info), TRUNCATED_ACTION)
     if xml_size is not None and (xml_size[0] <= 0 or xml_size[1] <= 0):
         xml_size = None
     width, height, orientation, problem = reconcile_size(info, xml_size)
@@ -196,6 +198,7 @@ def _index_image(root, image_id, inspect=True):
         width=width,
         height=height,
         orientation=orientation,
+        valid_rows=info.valid_rows,
         boxes=boxes[keep],
         names=[n for n, k in zip(labels, keep) if k],
         difficult=np.array([d for (_, _, d), k in zip(valid, keep) if k], bool),
@@ -270,5 +273,6 @@ def load_voc(cfg, split, class_names=None, report=None, format="voc"):
             ignore=difficult,
             source_id=item["id"],
             orientation=item["orientation"],
+            valid_rows=item["valid_rows"],
         ))
     return records, report
