@@ -114,6 +114,20 @@ def _log_data(name, records, class_names, report):
     print(f"{name}:\n{text}")
 
 
+def _no_targets(records, use_difficult, purpose):
+    """What is wrong when ``records`` hold no box to ``purpose`` (crowd and difficult boxes do not count unless
+    ``use_difficult``), else None. Without it a run trains on background alone, exits 0 and prints AP -1."""
+    usable = sum(int(np.sum(r.train_mask(use_difficult))) for r in records)
+    if usable:
+        return None
+    ignored = sum(int(np.sum(r.ignore)) for r in records)
+    if ignored:
+        return (f"has {len(records)} images but no box to {purpose}: all {ignored} boxes are crowd (COCO iscrowd) "
+                "or difficult (VOC) regions, which are only ignored" + (
+                    "; set data.use_difficult=true to train on difficult boxes" if purpose == "train on" else ""))
+    return f"has {len(records)} images but no object boxes at all (check the annotations and data.classes)"
+
+
 def train(cfg, workdir, verbose=1):
     """Train the detector described by ``cfg`` in ``workdir`` (resuming from its last checkpoint if there is one).
 
@@ -142,10 +156,17 @@ def _train(cfg, workdir, strategy, chief, verbose):
     _log_data(f"training split '{cfg.data.train_split}'", train_records, class_names, train_report)
     if not train_records:
         raise training.TrainingError(f"the training split '{cfg.data.train_split}' has no usable images")
+    problem = _no_targets(train_records, cfg.data.use_difficult, "train on")
+    if problem:
+        raise training.TrainingError(f"the training split '{cfg.data.train_split}' {problem}")
     val_records, val_report = None, None
     if cfg.data.val_split:
         val_records, _, val_report = data_lib.load_records(cfg, cfg.data.val_split)
         _log_data(f"validation split '{cfg.data.val_split}'", val_records, class_names, val_report)
+        problem = _no_targets(val_records, False, "evaluate against")
+        if problem:
+            log.warning("the validation split '%s' %s: its metrics will be undefined (-1)", cfg.data.val_split,
+                        problem)
 
     checkpoint_dir = os.path.join(workdir, "checkpoints")
     if chief:

@@ -45,6 +45,11 @@ def evaluate_split(model, cfg, split, out_dir=None, max_images=None, verbose=1):
     if not records:
         raise data_lib.DataError(f"split '{split}' of {cfg.data.root} has no usable images"
                                  + (f" ({len(report.skipped)} skipped)" if report.skipped else ""))
+    from frcnn.engine import _no_targets
+
+    problem = _no_targets(records[:max_images] if max_images else records, False, "evaluate against")
+    if problem:
+        raise data_lib.DataError(f"split '{split}' of {cfg.data.root} {problem}: no metric can be computed")
     fmt = getattr(records, "format", None)
     category_ids = getattr(records, "category_ids", None)
     if category_ids is not None:

@@ -477,3 +477,103 @@ def test_jpeg_with_too_few_rows_is_skipped_naming_the_threshold(tmp_path):
     assert issue.path == path and "truncated JPEG" in issue.problem and "fewer than the 50% needed" in issue.problem
     with pytest.raises(data.DataError, match="cut.jpg.*fewer than the 50% needed"):
         data.load_image(path)
+
+
+# ---------------------------------------------------------------------------------------- other weak cases
+
+
+def test_infer_checks_the_output_location_before_any_work(tmp_path, capsys):
+    infer = _tool("infer")
+    image = tmp_path / "x.png"
+    image.write_bytes(b"not read: the run must stop before")
+    missing_weights = str(tmp_path / "no.weights.h5")  # loading it would be the first error otherwise
+    blocker = tmp_path / "out_file"
+    blocker.write_text("an existing file")
+    assert infer.main([str(image), "--weights", missing_weights, "--out", str(blocker)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {blocker} exists and is not a folder" in err and ".tmp-" not in err
+    out = tmp_path / "out"
+    (out / "detections.json").mkdir(parents=True)
+    assert infer.main([str(image), "--weights", missing_weights, "--out", str(out)]) == 2
+    assert "detections.json is a folder" in capsys.readouterr().err
+    if os.geteuid() != 0:  # root writes into read-only folders anyway
+        readonly = tmp_path / "readonly"
+        readonly.mkdir(mode=0o500)
+        assert infer.main([str(image), "--weights", missing_weights, "--out", str(readonly)]) == 2
+        assert f"--out {readonly} is not writable" in capsys.readouterr().err
+
+
+def test_glob_through_a_symlink_loop_gives_each_image_once(tmp_path):
+    from frcnn import inference
+
+    folder = tmp_path / "shots"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.png").write_bytes(b"x")
+    (folder / "sub" / "b.png").write_bytes(b"x")
+    os.symlink(folder, folder / "sub" / "loop")  # shots/sub/loop -> shots
+    os.symlink(folder / "a.png", folder / "alias.png")
+    paths, problems = inference.expand_inputs([str(folder / "**" / "*.png"), str(folder)])
+    assert not problems
+    assert sorted(os.path.realpath(p) for p in paths) == sorted(
+        os.path.realpath(folder / n) for n in ("a.png", "sub/b.png"))
+
+
+def _voc_ids(tmp_path, lines, ids):
+    sys_path_tests()
+    from test_data import make_cfg, make_voc, noise_image
+
+    root = make_voc(tmp_path / "voc", [(i, noise_image(32, 32), [{"name": "dog", "box": (2, 2, 20, 20)}], "real")
+                                       for i in ids])
+    with open(os.path.join(root, "ImageSets", "Main", "train.txt"), "w") as f:
+        f.write(lines)
+    return root, make_cfg(root)
+
+
+def test_split_file_problems_say_what_is_wrong(tmp_path, caplog):
+    import logging
+
+    from frcnn import data
+
+    root, cfg = _voc_ids(tmp_path / "empty", "\n  \n", ["a"])
+    with pytest.raises(data.DataError, match=r"train\.txt lists no image ids \(it is empty\)") as err:
+        data.load_records(cfg, "train")
+    assert "data.classes" not in str(err.value)
+
+    # An id with a space is one id (not 'my' plus a flag); a trailing VOC flag is not part of the id.
+    root, cfg = _voc_ids(tmp_path / "space", "my photo\nb  1\nb\nc -1\nc\n", ["my photo", "b", "c"])
+    with caplog.at_level(logging.WARNING, logger="frcnn.data"):
+        records, _, report = data.load_records(cfg, "train")
+    assert [r.source_id for r in records] == ["my photo", "b", "c"] and not report.skipped
+    assert any("more than once ('b', 'c')" in r.getMessage() for r in caplog.records)
+
+
+def _coco_root(tmp_path, annotations):
+    sys_path_tests()
+    from test_data import make_cfg, noise_image, write_image
+
+    root = tmp_path / "coco"
+    write_image(str(root / "train" / "1.png"), noise_image(40, 50))
+    (root / "annotations").mkdir(parents=True)
+    (root / "annotations" / "instances_train.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "1.png", "width": 50, "height": 40}],
+        "annotations": annotations, "categories": [{"id": 1, "name": "dog"}]}))
+    return make_cfg(str(root), fmt="coco", val=None)
+
+
+def test_negative_coco_width_is_named_as_such(tmp_path):
+    from frcnn import data
+
+    cfg = _coco_root(tmp_path, [{"id": 9, "image_id": 1, "category_id": 1, "bbox": [30, 5, -10, 10]},
+                                {"id": 10, "image_id": 1, "category_id": 1, "bbox": [3, 5, 10, 10]}])
+    records, _, report = data.load_records(cfg, "train")
+    assert records[0].num_boxes == 1
+    [issue] = report.warnings
+    assert "negative width" in issue.problem and "annotation id 9" in issue.problem and "zero-area" not in issue.problem
+
+
+def test_training_on_crowd_boxes_only_is_refused_with_the_reason(tmp_path):
+    from frcnn import engine, training
+
+    cfg = _coco_root(tmp_path, [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [3, 5, 10, 10], "iscrowd": 1}])
+    with pytest.raises(training.TrainingError, match="no box to train on: all 1 boxes are crowd"):
+        engine.train(cfg, str(tmp_path / "run"), verbose=0)

@@ -134,6 +134,12 @@ def load_coco(cfg, split, class_names=None, report=None):
         if image_id not in images:
             missing_image[image_id] += 1
             continue
+        if w < 0 or h < 0:
+            # Named as such: converted to corners it would read as an inverted or empty box.
+            report.warn(ann_path, f"negative {'width' if w < 0 else 'height'} in bbox [x, y, w, h] "
+                        f"[{x:g}, {y:g}, {w:g}, {h:g}]: annotation id {ann.get('id')} of image id {image_id}",
+                        "box dropped")
+            continue
         if cid not in cats:
             missing_category[cid] += 1
             continue

@@ -197,6 +197,8 @@ def check_boxes(boxes, width, height, path, issues, labels=None):
         what = f"box {i}" + (f" ({labels[i]})" if labels is not None else "") + f" {_fmt_box(boxes[i])}"
         if not finite[i]:
             issues.warn(path, f"non-finite coordinates: {what}", "box dropped")
+        elif empty[i] and (boxes[i, 2] < boxes[i, 0] or boxes[i, 3] < boxes[i, 1]):
+            issues.warn(path, f"inverted box (x1 > x2 or y1 > y2): {what}", "box dropped")
         elif empty[i]:
             issues.warn(path, f"zero-area box: {what}", "box dropped")
         elif outside[i]:
