@@ -50,15 +50,26 @@ def detect_records(model, cfg, records, max_images=None, verbose=1):
 
 
 def evaluate_records(model, cfg, records, class_names, category_ids=None, max_images=None, verbose=1):
-    """COCO-style (pycocotools) and VOC07 metrics of ``model`` on ``records``; returns (metrics, detections)."""
+    """COCO-style (pycocotools) and VOC07 metrics of ``model`` on ``records``; returns (metrics, detections).
+
+    An image the pipeline cannot decode stays in the evaluation with no detections: its ground-truth objects count
+    as missed. Leaving it out would raise the score by hiding those objects. Such files are named in a warning and
+    listed in ``metrics["unreadable_images"]``; ``detections`` has an empty entry for each.
+    """
     records = list(records)[:max_images] if max_images else list(records)
     detections = detect_records(model, cfg, records, verbose=verbose)
     seen = {d["image_id"] for d in detections}
-    evaluated = [r for r in records if r.image_id in seen]
-    if len(evaluated) < len(records):
-        log.warning("%d of %d images could not be read and are left out of the evaluation",
-                    len(records) - len(evaluated), len(records))
-    metrics = evaluation.evaluate(evaluated, detections, class_names, category_ids=category_ids)
+    unreadable = [r for r in records if r.image_id not in seen]
+    if unreadable:
+        objects = sum(int(np.sum(~r.ignore)) for r in unreadable)
+        log.warning("%d of %d images could not be read; their %d ground-truth objects count as missed: %s",
+                    len(unreadable), len(records), objects, ", ".join(r.file_name for r in unreadable))
+        for r in unreadable:
+            detections.append({"image_id": r.image_id, "boxes": np.zeros((0, 4), np.float32),
+                               "scores": np.zeros((0,), np.float32), "classes": np.zeros((0,), np.int32)})
+        detections.sort(key=lambda d: d["image_id"])
+    metrics = evaluation.evaluate(records, detections, class_names, category_ids=category_ids)
+    metrics["unreadable_images"] = [r.file_name for r in unreadable]
     return metrics, detections
 
 
@@ -101,6 +112,20 @@ def _log_data(name, records, class_names, report):
     print(f"{name}:\n{text}")
 
 
+def _no_targets(records, use_difficult, purpose):
+    """What is wrong when ``records`` hold no box to ``purpose`` (crowd and difficult boxes do not count unless
+    ``use_difficult``), else None. Without it a run trains on background alone, exits 0 and prints AP -1."""
+    usable = sum(int(np.sum(r.train_mask(use_difficult))) for r in records)
+    if usable:
+        return None
+    ignored = sum(int(np.sum(r.ignore)) for r in records)
+    if ignored:
+        return (f"has {len(records)} images but no box to {purpose}: all {ignored} boxes are crowd (COCO iscrowd) "
+                "or difficult (VOC) regions, which are only ignored" + (
+                    "; set data.use_difficult=true to train on difficult boxes" if purpose == "train on" else ""))
+    return f"has {len(records)} images but no object boxes at all (check the annotations and data.classes)"
+
+
 def train(cfg, workdir, verbose=1):
     """Train the detector described by ``cfg`` in ``workdir`` (resuming from its last checkpoint if there is one).
 
@@ -110,6 +135,12 @@ def train(cfg, workdir, verbose=1):
     # First, before any TensorFlow op: a multi-worker strategy configures the runtime's collectives at creation.
     strategy = training.make_strategy(cfg.train.strategy)
     chief = training.is_chief(strategy)
+    # Before anything is written there: two runs in one work directory overwrite each other's checkpoints.
+    with training.own_workdir(workdir, chief):
+        return _train(cfg, workdir, strategy, chief, verbose)
+
+
+def _train(cfg, workdir, strategy, chief, verbose):
     keras.utils.set_random_seed(cfg.train.seed)
     if cfg.train.batch_size % strategy.num_replicas_in_sync:
         raise training.TrainingError(
@@ -123,10 +154,17 @@ def train(cfg, workdir, verbose=1):
     _log_data(f"training split '{cfg.data.train_split}'", train_records, class_names, train_report)
     if not train_records:
         raise training.TrainingError(f"the training split '{cfg.data.train_split}' has no usable images")
+    problem = _no_targets(train_records, cfg.data.use_difficult, "train on")
+    if problem:
+        raise training.TrainingError(f"the training split '{cfg.data.train_split}' {problem}")
     val_records, val_report = None, None
     if cfg.data.val_split:
         val_records, _, val_report = data_lib.load_records(cfg, cfg.data.val_split)
         _log_data(f"validation split '{cfg.data.val_split}'", val_records, class_names, val_report)
+        problem = _no_targets(val_records, False, "evaluate against")
+        if problem:
+            log.warning("the validation split '%s' %s: its metrics will be undefined (-1)", cfg.data.val_split,
+                        problem)
 
     checkpoint_dir = os.path.join(workdir, "checkpoints")
     if chief:
@@ -134,11 +172,12 @@ def train(cfg, workdir, verbose=1):
     if chief:
         remove_stale_temporaries(checkpoint_dir)  # left by a run killed while writing a checkpoint
     state = training.read_state(checkpoint_dir)
+    resume = training.has_checkpoint(checkpoint_dir)
     steps = training.steps_per_epoch(cfg, len(train_records))
-    # Multi-worker: every worker must resume from the same step (a shared --workdir) and cut the same epochs.
+    # Multi-worker: every worker must resume (from a shared --workdir) or not, and cut the same epochs.
     training.check_workers_agree(
-        strategy, [state["global_step"] if state else -1, steps, len(train_records)],
-        "the checkpoint step to resume from, the steps per epoch and the number of training images",
+        strategy, [int(resume), steps, len(train_records)],
+        "whether to resume from a checkpoint, the steps per epoch and the number of training images",
     )
     if state and state.get("steps_per_epoch") not in (None, steps):
         raise training.TrainingError(
@@ -148,12 +187,15 @@ def train(cfg, workdir, verbose=1):
 
     # Variables (model, optimizer) are created and restored inside the scope, so they are mirrored on every replica.
     with strategy.scope():
-        model = build_model(cfg, load_weights=state is None)
+        model = build_model(cfg, load_weights=not resume)
         # train.jit_compile: XLA on the whole training step (every op of the model is keras.ops).
         model.compile(optimizer=training.make_optimizer(cfg, steps), jit_compile=cfg.train.jit_compile)
-        if state is not None:
-            training.load_checkpoint(model, os.path.join(checkpoint_dir, training.LAST_WEIGHTS), with_optimizer=True)
+        if resume:
+            # The step comes from the weights (state.json is checked against them): see restore_checkpoint.
+            state = training.restore_checkpoint(model, checkpoint_dir, steps, state)
             print(f"resuming from {checkpoint_dir}: epoch {state['epoch']}, global step {state['global_step']}")
+    if resume:
+        training.check_workers_agree(strategy, [state["global_step"]], "the checkpoint step to resume from")
     if strategy.num_replicas_in_sync > 1:
         print(f"{type(strategy).__name__}: {strategy.num_replicas_in_sync} replicas, global batch "
               f"{cfg.train.batch_size}, learning rate {training.learning_rate(cfg):g}")

@@ -11,11 +11,14 @@ Scoring ``results.json`` against ``gt.json`` reproduces the numbers of the evalu
 import contextlib
 import io
 import json
+import math
 import os
 
 import numpy as np
 
 from frcnn import evaluation
+
+_SHOWN_BAD_ENTRIES = 5  # bad results entries named in the error; the rest are counted
 
 
 def evaluate_split(model, cfg, split, out_dir=None, max_images=None, verbose=1):
@@ -42,6 +45,11 @@ def evaluate_split(model, cfg, split, out_dir=None, max_images=None, verbose=1):
     if not records:
         raise data_lib.DataError(f"split '{split}' of {cfg.data.root} has no usable images"
                                  + (f" ({len(report.skipped)} skipped)" if report.skipped else ""))
+    from frcnn.engine import _no_targets
+
+    problem = _no_targets(records[:max_images] if max_images else records, False, "evaluate against")
+    if problem:
+        raise data_lib.DataError(f"split '{split}' of {cfg.data.root} {problem}: no metric can be computed")
     fmt = getattr(records, "format", None)
     category_ids = getattr(records, "category_ids", None)
     if category_ids is not None:
@@ -90,21 +98,60 @@ def _read_json_file(path, what):
         raise ValueError(f"{what} file '{path}' is not valid JSON ({err})") from None
 
 
+def _number(value):
+    """True for a real JSON number (``bool`` is an ``int`` subclass in Python but not a number here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _entry_problem(r, images, categories):
+    """What is wrong with one results entry (a string), or None when it can be scored."""
+    if not isinstance(r, dict):
+        return f"not an object: {str(r)[:80]}"
+    missing = [k for k in ("image_id", "category_id", "bbox", "score") if k not in r]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    bbox, score = r["bbox"], r["score"]
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(_number(v) for v in bbox)):
+        return f"bbox {str(bbox)[:80]} is not [x, y, w, h] of 4 numbers"
+    if not all(math.isfinite(v) for v in bbox):
+        return f"bbox {bbox} has a non-finite value"
+    if bbox[2] <= 0 or bbox[3] <= 0:
+        return f"bbox {bbox} has a width or height that is not positive"
+    if not _number(score):
+        return f"score {score!r} is not a number"
+    if not math.isfinite(score):
+        return f"score {score} is not finite"
+    if r["image_id"] not in images:
+        return f"image_id {r['image_id']!r} is not in the annotation file"
+    if r["category_id"] not in categories:
+        return f"category_id {r['category_id']!r} is not among the annotation file's categories {sorted(categories)}"
+    return None
+
+
 def _check_results(results, path, coco_gt):
+    """Refuse a results file unless EVERY entry can be scored.
+
+    pycocotools accepts garbage silently: a NaN box matches nothing yet can make AP 100 (an image whose only
+    detection is NaN counts as having no false positive), a negative width gives a negative area, a string score
+    fails deep inside its sort. So each entry is checked here (4 finite numbers with a positive width and height, a
+    finite numeric score, an image and a category the annotation file has) and the file is refused, naming the first
+    bad entries and how many there are.
+    """
     if not isinstance(results, list):
         raise ValueError(f"results file '{path}' must hold a JSON list of detections (COCO results format), "
                          f"got {type(results).__name__}")
     categories = set(coco_gt.getCatIds())
+    images = set(coco_gt.getImgIds())
+    bad = []
     for i, r in enumerate(results):
-        if not isinstance(r, dict) or not {"image_id", "category_id", "bbox", "score"} <= set(r):
-            raise ValueError(f"results file '{path}': entry {i} is not a detection with image_id, category_id, "
-                             f"bbox and score: {str(r)[:200]}")
-        bbox = r["bbox"]
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
-            raise ValueError(f"results file '{path}': entry {i} has bbox {bbox!r}, expected [x, y, w, h]")
-        if r["category_id"] not in categories:
-            raise ValueError(f"results file '{path}': entry {i} has category_id {r['category_id']}, which is not "
-                             f"among the annotation file's categories {sorted(categories)}")
+        problem = _entry_problem(r, images, categories)
+        if problem:
+            bad.append((i, problem))
+    if bad:
+        shown = "; ".join(f"entry {i}: {problem}" for i, problem in bad[:_SHOWN_BAD_ENTRIES])
+        more = f" (and {len(bad) - _SHOWN_BAD_ENTRIES} more)" if len(bad) > _SHOWN_BAD_ENTRIES else ""
+        raise ValueError(f"results file '{path}': {len(bad)} of {len(results)} entries cannot be scored, so the "
+                         f"file is refused: {shown}{more}")
 
 
 def score_results_file(results_path, annotations_path):

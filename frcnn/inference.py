@@ -149,7 +149,9 @@ def expand_inputs(inputs):
     paths, problems, seen = [], [], set()
 
     def add(path):
-        key = os.path.normcase(os.path.abspath(path))
+        # The resolved path: a ``**`` glob through a symbolic link loop (or two links to one file) reaches the same
+        # file under many names.
+        key = os.path.normcase(os.path.realpath(path))
         if key not in seen:
             seen.add(key)
             paths.append(path)
@@ -172,6 +174,28 @@ def expand_inputs(inputs):
         else:
             add(item)
     return paths, problems
+
+
+def check_output_dir(out_dir, json_name="detections.json"):
+    """Create ``out_dir`` and make sure files can be written there, before any image is processed; raises
+    ``OSError`` with a message naming the folder (or the file in the way) otherwise."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise OSError(f"--out {out_dir} exists and is not a folder")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"--out {out_dir} cannot be created ({err.strerror or err})") from None
+    target = os.path.join(out_dir, json_name)
+    if os.path.isdir(target):
+        raise OSError(f"--out {out_dir}: {target} is a folder, so {json_name} cannot be written")
+    # os.access is not enough (it ignores read-only mounts): really create and remove a file.
+    probe = os.path.join(out_dir, f".write-test-{os.getpid()}")
+    try:
+        with open(probe, "w", encoding="utf-8"):
+            pass
+        os.remove(probe)
+    except OSError as err:
+        raise OSError(f"--out {out_dir} is not writable ({err.strerror or err})") from None
 
 
 # ------------------------------------------------------------------------------------------------- detection

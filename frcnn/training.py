@@ -10,19 +10,26 @@ Work directory layout (``--workdir``)::
 
 Every file is written to a temporary name in the same folder and renamed over the old one, so a run killed at any
 moment (even SIGKILL) leaves the previous complete checkpoint in place; starting the same command again resumes
-from it with the same epoch, global step and optimizer state (the data order of the resumed epoch differs).
+from it with the same epoch, global step and optimizer state (the data order of the resumed epoch differs). The
+step resumed from is the one the weights file holds (the optimizer's ``iterations``), checked against
+``state.json``, so a kill between the two renames cannot shift it. The training job owns the work directory
+(:func:`own_workdir`, a kernel lock that dies with the process), and a checkpoint that does not fit on the disk
+stops the run with a message, keeping the old one.
 """
 
+import contextlib
+import errno
 import json
 import logging
 import math
 import os
+import shutil
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from frcnn.fileio import atomic_path
+from frcnn.fileio import DirectoryLocked, atomic_path, lock_directory
 
 log = logging.getLogger(__name__)
 
@@ -232,16 +239,128 @@ def make_optimizer(cfg, steps_per_epoch):
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 
+def own_workdir(workdir, chief=True):
+    """Context manager: this run owns ``workdir`` until it ends, or :class:`TrainingError` names the run that does.
+
+    Only the chief takes the lock. Under multi-worker training the other workers share the chief's work directory
+    (they read its checkpoint but write nothing there), so they must not be refused. The lock is released by the
+    kernel however the process ends (see :func:`frcnn.fileio.lock_directory`).
+    """
+    if not chief:
+        return contextlib.nullcontext()
+    return _locked(workdir)
+
+
+@contextlib.contextmanager
+def _locked(workdir):
+    try:
+        with lock_directory(workdir, "training run"):
+            yield
+    except DirectoryLocked as err:  # only the lock raises it: the training body has no such error
+        raise TrainingError(f"--workdir {err}") from None
+
+
+# Beyond the variables' own bytes, an HDF5 weights file holds a group and a dataset header per variable.
+_H5_OVERHEAD_BYTES = 1 << 20
+
+
+def checkpoint_bytes(model, path=None):
+    """About how many bytes ``model.save_weights`` will write: the model's and optimizer's variables plus HDF5
+    overhead, or the size of the checkpoint already at ``path`` when that is larger (the best estimate there is)."""
+    variables = list(model.weights)
+    if model.optimizer is not None:
+        variables += list(model.optimizer.variables)
+    total = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables) + _H5_OVERHEAD_BYTES
+    if path and os.path.isfile(path):
+        total = max(total, os.path.getsize(path))
+    return total
+
+
+def _is_disk_full(err):
+    # h5py does not always set errno: its message carries the C library's ("errno = 28, error message = ...").
+    return err.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(err) \
+        or f"errno = {errno.ENOSPC}," in str(err)
+
+
+def _no_space(path, needed, free, cause=None):
+    directory = os.path.dirname(os.path.abspath(path))
+    detail = f" ({cause})" if cause else ""
+    return TrainingError(
+        f"not enough disk space in {directory} to write {os.path.basename(path)}: it needs about {needed} bytes "
+        f"({needed / 2**20:.1f} MiB), {free} bytes are free{detail}. Nothing was replaced: the last good checkpoint "
+        "in that directory is kept. Free some space, then run the same command again to resume."
+    )
+
+
+@contextlib.contextmanager
+def _guard_disk(path, needed):
+    """Refuse to start a write of ``needed`` bytes that cannot fit, and turn a write that fails for lack of space
+    into a :class:`TrainingError` naming the directory and the bytes needed.
+
+    The check first: a full disk met inside h5py's C code ends in a traceback (at worst a crash) instead of a
+    message. The write is atomic (:func:`frcnn.fileio.atomic_path`), so a failure leaves the old file in place and
+    removes the partial one; the space check is an estimate (other processes write too), hence the catch as well.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise _no_space(path, needed, free)
+    try:
+        yield
+    except OSError as err:
+        if not _is_disk_full(err):
+            raise
+        raise _no_space(path, needed, shutil.disk_usage(directory).free, err.strerror or err) from None
+
+
 def atomic_save_weights(model, path):
-    """``model.save_weights`` (model and optimizer variables) to a temporary file, then rename over ``path``."""
-    with atomic_path(path, ".weights.h5") as tmp:
-        model.save_weights(tmp, overwrite=True)
+    """``model.save_weights`` (model and optimizer variables) to a temporary file, then rename over ``path``.
+
+    The file holds the optimizer's ``iterations``: the global step of these weights, which a resumed run takes
+    from the weights themselves (see :func:`restore_checkpoint`)."""
+    with _guard_disk(path, checkpoint_bytes(model, path)):
+        with atomic_path(path, ".weights.h5") as tmp:
+            model.save_weights(tmp, overwrite=True)
 
 
 def atomic_write_json(obj, path):
-    with atomic_path(path, ".json") as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
+    text = json.dumps(obj, indent=2)
+    with _guard_disk(path, len(text.encode()) + 4096):
+        with atomic_path(path, ".json") as tmp:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+
+
+def has_checkpoint(checkpoint_dir):
+    """True when ``checkpoint_dir`` holds a ``last`` weights file to resume from (with or without its state)."""
+    return os.path.isfile(os.path.join(checkpoint_dir, LAST_WEIGHTS))
+
+
+def restore_checkpoint(model, checkpoint_dir, steps_per_epoch, state=None):
+    """Load the ``last`` checkpoint (model and optimizer) into the compiled ``model``; returns the state to resume
+    from, whose ``global_step`` and ``epoch`` come from the WEIGHTS.
+
+    The weights file and ``state.json`` are two files, each replaced atomically but not together: a run killed
+    between the two renames leaves weights one checkpoint ahead of the state. The weights carry their own step
+    (the optimizer's ``iterations``), so they are trusted and ``state.json`` is checked against them: a
+    disagreement is logged and the weights' step wins, so a kill at any instant resumes exactly where the weights
+    are. ``best`` and the rest still come from ``state.json`` (None without one).
+    """
+    path = os.path.join(checkpoint_dir, LAST_WEIGHTS)
+    load_checkpoint(model, path, with_optimizer=True)
+    step = int(model.optimizer.iterations.numpy())
+    state = dict(state or {})
+    recorded = state.get("global_step")
+    if recorded is None:
+        log.warning("%s has no (readable) %s: resuming from the step its weights hold, %d", checkpoint_dir,
+                    STATE_FILE, step)
+    elif int(recorded) != step:
+        log.warning("%s says global step %s but %s holds step %d (the run was stopped between writing the two): "
+                    "resuming from the weights' step %d", os.path.join(checkpoint_dir, STATE_FILE), recorded,
+                    LAST_WEIGHTS, step, step)
+    state.update(global_step=step, epoch=step // steps_per_epoch)
+    return state
 
 
 def read_state(checkpoint_dir):
@@ -259,8 +378,9 @@ def read_state(checkpoint_dir):
 class CheckpointManager(keras.callbacks.Callback):
     """Writes ``last`` every ``every_steps`` steps and at each epoch end, and ``best`` when ``monitor`` improves.
 
-    Weights and ``state.json`` are each replaced atomically; the state is written after the weights, so a state
-    always describes weights that are fully on disk. Nothing is written after a non-finite loss, and never
+    Weights and ``state.json`` are each replaced atomically; the state is written after the weights. A kill
+    between the two leaves the state one checkpoint behind; :func:`restore_checkpoint` resumes from the step the
+    weights hold. A write that does not fit on the disk raises :class:`TrainingError` and keeps the old files. Nothing is written after a non-finite loss, and never
     weights that hold a NaN or an infinity.
     """
 

@@ -176,7 +176,7 @@ def _bad_voc(tmp_path):
         ("no_bndbox", good, [{"name": "dog", "box": None}], "real"),
         ("no_coord", good, [{"name": "dog", "box": (1, 1, None, 5)}], "real"),
         ("text_coord", good, [{"name": "dog", "box": (1, "abc", 5, 5)}], "real"),
-        ("zero_area", good, [{"name": "dog", "box": (10, 10, 9, 20)}, {"name": "dog", "box": (1, 1, 5, 5)}], "real"),
+        ("inverted", good, [{"name": "dog", "box": (10, 10, 9, 20)}, {"name": "dog", "box": (1, 1, 5, 5)}], "real"),
         ("outside", good, [{"name": "dog", "box": (-4, 11, 70, 30)}, {"name": "dog", "box": (65, 1, 90, 9)}],
          "real"),
         ("wrong_size", good, [{"name": "dog", "box": (1, 1, 5, 5)}], (600, 400)),
@@ -210,7 +210,7 @@ BAD_CASES = {
     "no_bndbox": ("no_bndbox.xml", "missing <bndbox>", False),
     "no_coord": ("no_coord.xml", "missing coordinate: <xmax>", False),
     "text_coord": ("text_coord.xml", "non-numeric coordinate: <ymin> 'abc'", False),
-    "zero_area": ("zero_area.xml", "zero-area box", False),
+    "inverted": ("inverted.xml", "inverted box (xmin > xmax): object 0 (dog) (10, 10, 9, 20)", False),
     "outside": ("outside.xml", "box outside the image", False),
     "wrong_size": ("wrong_size.xml", "<size> disagrees with the real image: 600x400", False),
     "no_size": ("no_size.xml", "missing or invalid <size>", False),
@@ -239,7 +239,7 @@ def test_bad_data_is_reported_and_skipped(tmp_path, caplog):
     assert set(by_id) == {"good", "empty_ok"} | {c for c, (_, _, s) in BAD_CASES.items() if not s}
     np.testing.assert_array_equal(by_id["no_name"].boxes, [[1, 1, 9, 9]])
     assert by_id["no_bndbox"].num_boxes == 0 and by_id["text_coord"].num_boxes == 0
-    np.testing.assert_array_equal(by_id["zero_area"].boxes, [[0, 0, 5, 5]])
+    np.testing.assert_array_equal(by_id["inverted"].boxes, [[0, 0, 5, 5]])
     np.testing.assert_array_equal(by_id["outside"].boxes, [[0, 10, 60, 30]])  # clipped; the other dropped
     assert (by_id["wrong_size"].width, by_id["wrong_size"].height) == (60, 40)  # the real image wins
     assert by_id["unknown"].num_boxes == 0 and by_id["empty_ok"].num_boxes == 0
@@ -250,7 +250,7 @@ def test_bad_data_is_reported_and_skipped(tmp_path, caplog):
     assert batch["images"].shape[0] == 4
 
 
-@pytest.mark.parametrize("case", ["missing_image", "text_coord", "zero_area", "outside", "truncated", "bad_xml"])
+@pytest.mark.parametrize("case", ["missing_image", "text_coord", "inverted", "outside", "truncated", "bad_xml"])
 def test_strict_mode_raises_naming_the_file(tmp_path, case):
     root = _bad_voc(tmp_path)
     with open(os.path.join(root, "ImageSets", "Main", "train.txt"), "w") as f:

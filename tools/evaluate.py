@@ -87,6 +87,9 @@ def _evaluate_model(args):
         return 2
     print(evaluation.format_report(metrics, model.class_names[1:]))
     print(f"split '{split}': {metrics['num_images']} images, {metrics['num_detections']} detections")
+    unreadable = metrics.get("unreadable_images") or []
+    if unreadable:
+        print(f"{len(unreadable)} images could not be read; their objects count as missed: {', '.join(unreadable)}")
     for kind, path in files.items():
         print(f"{kind}: {path}")
     return 0

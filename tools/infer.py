@@ -50,6 +50,11 @@ def main(argv=None):
     from frcnn.training import TrainingError
 
     try:
+        inference.check_output_dir(args.out)  # before the model and the images: fail in a second, not at the end
+    except OSError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
         model, cfg, config_path = inference.load_trained_model(args.weights, args.config, args.overrides,
                                                                score_thresh=args.score_thresh)
     except (ConfigError, DataError, TrainingError) as err:

@@ -18,7 +18,7 @@ import os
 import numpy as np
 
 from frcnn.config import data_roots
-from frcnn.data.imageio import ImageProblem, inspect_image, reconcile_size
+from frcnn.data.imageio import TRUNCATED_ACTION, ImageProblem, inspect_image, reconcile_size, truncated_problem
 from frcnn.data.records import (DataError, IssueCollector, RecordList, Report, check_boxes, make_record,
                                 optional_int)
 from frcnn.data.voc import _workers, check_root
@@ -134,6 +134,12 @@ def load_coco(cfg, split, class_names=None, report=None):
         if image_id not in images:
             missing_image[image_id] += 1
             continue
+        if w < 0 or h < 0:
+            # Named as such: converted to corners it would read as an inverted or empty box.
+            report.warn(ann_path, f"negative {'width' if w < 0 else 'height'} in bbox [x, y, w, h] "
+                        f"[{x:g}, {y:g}, {w:g}, {h:g}]: annotation id {ann.get('id')} of image id {image_id}",
+                        "box dropped")
+            continue
         if cid not in cats:
             missing_category[cid] += 1
             continue
@@ -170,6 +176,8 @@ def load_coco(cfg, split, class_names=None, report=None):
         size = (optional_int(entry.get("width")), optional_int(entry.get("height")))
         size = None if None in size or min(size) <= 0 else size
         width, height, orientation, problem = reconcile_size(info, size)
+        if info.valid_rows:
+            issues.warn(path, truncated_problem(info) + f" (image id {image_id})", TRUNCATED_ACTION)
         if size is None:
             issues.warn(ann_path, f"missing or invalid size: image id {image_id}",
                         f"using the real image size {width}x{height}")
@@ -197,5 +205,6 @@ def load_coco(cfg, split, class_names=None, report=None):
             ignore=crowd,
             source_id=image_id,
             orientation=orientation,
+            valid_rows=info.valid_rows,
         ))
     return records, report

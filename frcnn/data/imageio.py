@@ -4,6 +4,8 @@ Why a header parser: checking every annotation's ``<size>`` against the real ima
 truncated or non-image files, must not cost a full decode (118k COCO images). :func:`inspect_image` reads only
 the first few segments of the file (JPEG markers up to the frame header, the PNG ``IHDR`` chunk, the GIF / BMP /
 WebP headers) plus its last few KB (the JPEG end-of-image marker, the PNG ``IEND`` chunk) to detect truncation.
+A JPEG cut short is decoded once, to count the rows that arrived (:func:`decode_truncated_jpeg`): it is used when
+at least :data:`TRUNCATED_JPEG_MIN_FRACTION` of them did (``ImageInfo.valid_rows``), skipped otherwise.
 It also reads the JPEG EXIF orientation, so training (which applies it in the ``tf.data`` graph) and inference
 (:func:`load_image`, OpenCV applies it) see the same upright image, whose size is what a record stores.
 """
@@ -17,6 +19,11 @@ import numpy as np
 # EXIF orientations 5..8 swap width and height.
 TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
 _TAIL_BYTES = 4096
+# A JPEG cut short (a download that stopped) is used when at least this fraction of its rows arrived; the rows
+# that did not arrive are filled with TRUNCATED_FILL. Below it, too much of the image (and of its annotated
+# objects) is missing for the picture to teach or test anything: the image is skipped.
+TRUNCATED_JPEG_MIN_FRACTION = 0.5
+TRUNCATED_FILL = 128  # mid-gray: the decoder's extrapolated colours for the missing rows are arbitrary
 
 
 class ImageProblem(Exception):
@@ -29,6 +36,13 @@ class ImageInfo:
     height: int
     format: str  # jpeg | png | gif | bmp | webp
     orientation: int = 1  # EXIF orientation 1..8 (JPEG only; 1 = as stored)
+    valid_rows: int = 0  # a truncated JPEG: how many rows (of the stored image, from the top) arrived; 0 = all
+
+    @property
+    def recovered(self):
+        """Fraction of the stored rows that arrived (1.0 for a complete file)."""
+        stored_height = self.width if self.orientation in TRANSPOSED_ORIENTATIONS else self.height
+        return self.valid_rows / stored_height if self.valid_rows else 1.0
 
 
 def _u16be(b, o=0):
@@ -101,10 +115,12 @@ def _jpeg_info(f, size):
             if width == 0 or height == 0:
                 raise ImageProblem(f"unsupported JPEG: frame header gives size {width}x{height}")
             sof_end = f.tell()
-            _check_jpeg_end(f, size, sof_end)
+            valid_rows = 0
+            if not _has_jpeg_end(f, size, sof_end):
+                valid_rows = _truncated_jpeg_rows(f, height)
             if orientation in TRANSPOSED_ORIENTATIONS:
                 width, height = height, width
-            return ImageInfo(width, height, "jpeg", orientation)
+            return ImageInfo(width, height, "jpeg", orientation, valid_rows)
         if m == 0xE1 and orientation == 1:
             body = f.read(length - 2)
             orientation = _exif_orientation(body)
@@ -112,15 +128,58 @@ def _jpeg_info(f, size):
             f.seek(length - 2, os.SEEK_CUR)
 
 
-def _check_jpeg_end(f, size, sof_end):
-    """A JPEG must contain an end-of-image marker after its frame header; without one it was cut short."""
+def _has_jpeg_end(f, size, sof_end):
+    """A complete JPEG has an end-of-image marker after its frame header; without one it was cut short."""
     f.seek(max(sof_end, size - _TAIL_BYTES))
     if b"\xff\xd9" in f.read():
-        return
+        return True
     # Rare: data appended after the end marker (some cameras do this). Look through the whole image data.
     f.seek(sof_end)
-    if b"\xff\xd9" not in f.read():
-        raise ImageProblem("truncated JPEG (no end-of-image marker)")
+    return b"\xff\xd9" in f.read()
+
+
+def _truncated_jpeg_rows(f, height):
+    """How many rows of a JPEG cut short arrived; :class:`ImageProblem` when fewer than
+    :data:`TRUNCATED_JPEG_MIN_FRACTION` of ``height`` did."""
+    f.seek(0)
+    _, rows = decode_truncated_jpeg(f.read())
+    if rows < TRUNCATED_JPEG_MIN_FRACTION * height:
+        raise ImageProblem(f"truncated JPEG (no end-of-image marker): only {rows} of its {height} rows "
+                           f"({rows / height:.0%}) arrived, fewer than the {TRUNCATED_JPEG_MIN_FRACTION:.0%} needed")
+    return rows
+
+
+TRUNCATED_ACTION = "the rows that arrived are used, the rest is filled with gray"
+
+
+def truncated_problem(info):
+    """The report's wording for a JPEG cut short that is still used."""
+    return f"truncated JPEG (no end-of-image marker): {info.recovered:.0%} of its rows arrived"
+
+
+def decode_truncated_jpeg(data):
+    """Decode a JPEG that was cut short: ``(image, rows)``, ``image`` the ``(H, W, 3)`` uint8 RGB stored pixels
+    (EXIF orientation NOT applied) with the rows that did not arrive set to :data:`TRUNCATED_FILL`, ``rows`` how
+    many arrived from the top (0 and ``image`` None when nothing decodes).
+
+    TensorFlow's ``try_recover_truncated`` decodes what arrived and lets libjpeg invent the rest, without saying
+    where the real data ends (``acceptable_fraction`` does not see it either: libjpeg reports every row as read).
+    So the data is decoded twice, once ending right there and once with arbitrary bytes appended: the rows that
+    arrived decode the same both times, the invented ones do not.
+    """
+    import tensorflow as tf  # the training pipeline decodes with TensorFlow: measure with the same decoder
+
+    end = b"\xff\xd9"
+    filler = bytes(range(1, 255)) * 4  # no 0xFF: no marker inside the filler
+    try:
+        a = tf.io.decode_jpeg(data + end, channels=3, try_recover_truncated=True).numpy()
+        b = tf.io.decode_jpeg(data + filler + end, channels=3, try_recover_truncated=True).numpy()
+    except (tf.errors.InvalidArgumentError, tf.errors.UnknownError):
+        return None, 0
+    differs = np.flatnonzero(np.any(a != b, axis=(1, 2)))
+    rows = int(differs[0]) if len(differs) else a.shape[0]
+    a[rows:] = TRUNCATED_FILL
+    return a, rows
 
 
 def _png_info(f, size):
@@ -230,8 +289,45 @@ def load_image(path):
         raise DataError(f"cannot read image {path}: the file is empty")
     image = cv2.imdecode(data, cv2.IMREAD_COLOR)  # IMREAD_COLOR: 3 channels, EXIF orientation applied
     if image is None:
+        recovered = _load_truncated_jpeg(path)
+        if recovered is not None:
+            return recovered
         raise DataError(f"cannot read image {path}: not a decodable image file (corrupt or unsupported format)")
     return np.ascontiguousarray(image[:, :, ::-1])  # OpenCV's BGR -> RGB
+
+
+def _load_truncated_jpeg(path):
+    """The rows that arrived of a JPEG cut short (OpenCV returns nothing for it), with a warning naming the file
+    and the fraction recovered; None when ``path`` is not such a JPEG. :class:`DataError` below
+    :data:`TRUNCATED_JPEG_MIN_FRACTION`, as in training and evaluation."""
+    import logging
+
+    from frcnn.data.records import DataError
+
+    try:
+        info = inspect_image(path)
+    except ImageProblem as err:
+        if str(err).startswith("truncated JPEG"):
+            raise DataError(f"cannot read image {path}: {err}") from None
+        return None
+    if not info.valid_rows:
+        return None
+    with open(path, "rb") as f:
+        image, _ = decode_truncated_jpeg(f.read())
+    logging.getLogger("frcnn.data").warning(
+        "%s: truncated JPEG, %d%% of its rows arrived -> the rest is filled with gray", path,
+        round(100 * info.recovered))
+    return _orient(image, info.orientation)
+
+
+def _orient(image, orientation):
+    """EXIF ``orientation`` (1..8) applied to ``(H, W, C)`` stored pixels, as OpenCV does when it loads a file."""
+    ops = {
+        2: lambda x: x[:, ::-1], 3: lambda x: x[::-1, ::-1], 4: lambda x: x[::-1],
+        5: lambda x: x.transpose(1, 0, 2), 6: lambda x: np.rot90(x, k=3), 7: lambda x: x.transpose(1, 0, 2)[::-1, ::-1],
+        8: lambda x: np.rot90(x, k=1),
+    }
+    return np.ascontiguousarray(ops.get(orientation, lambda x: x)(image))
 
 
 def reconcile_size(info, annotated):

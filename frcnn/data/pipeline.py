@@ -30,9 +30,9 @@ Training: shuffle (``data.shuffle_buffer``, reshuffled each epoch), flip, repeat
 (static batch dimension). Evaluation: the record order, no flip, no repeat, the last batch may be smaller.
 
 Bad images: files that are missing, empty, truncated or not images were already skipped when the records were read
-(with the reason in the report). Whatever still fails to decode is skipped by ``ignore_errors`` and logged by
-TensorFlow with the error (an assertion names the file when the decoded size disagrees with the record); in strict
-mode (``data.strict``) it stops the input instead. In training, ``repeat`` comes after ``ignore_errors`` so that a
+(with the reason in the report). Whatever still fails to decode (corrupt pixel data behind a sound header, a file
+changed since) is skipped and named once, with the reason, on the ``frcnn.data`` logger (see
+:func:`_load_skipping_failures`); in strict mode (``data.strict``) it stops the input instead. In training, ``repeat`` comes after ``ignore_errors`` so that a
 dataset in which every image fails ends instead of spinning forever.
 """
 
@@ -41,6 +41,7 @@ import logging
 import numpy as np
 import tensorflow as tf
 
+from frcnn.data.imageio import TRUNCATED_FILL
 from frcnn.data.imageio import load_image  # noqa: F401  (re-exported: the single-image loader for inference)
 from frcnn.data.records import DataError
 from frcnn.transform import padded_side, resize_image, resize_params, resize_params_tf
@@ -51,6 +52,20 @@ logger = logging.getLogger("frcnn.data")
 def decode_image(contents):
     """Encoded bytes -> ``(H, W, 3)`` uint8 RGB (grayscale replicated, alpha dropped, first frame of a GIF)."""
     image = tf.io.decode_image(contents, channels=3, dtype=tf.uint8, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def decode_record_image(contents, valid_rows):
+    """:func:`decode_image`, or for a JPEG cut short (``valid_rows`` > 0, scalar int32 tensor) the rows that arrived
+    with the rest set to :data:`frcnn.data.imageio.TRUNCATED_FILL` (libjpeg's invented rows are arbitrary)."""
+
+    def recover():
+        image = tf.io.decode_jpeg(contents, channels=3, try_recover_truncated=True)
+        arrived = tf.range(tf.shape(image)[0]) < valid_rows
+        return tf.where(arrived[:, None, None], image, tf.constant(TRUNCATED_FILL, tf.uint8))
+
+    image = tf.cond(valid_rows > 0, recover, lambda: decode_image(contents))
     image.set_shape([None, None, 3])
     return image
 
@@ -101,6 +116,7 @@ def _slices(cfg, records):
         "image_id": tf.constant([r.image_id for r in records], tf.int64),
         "size": tf.constant([[r.height, r.width] for r in records], tf.int32),
         "orientation": tf.constant([r.orientation for r in records], tf.int32),
+        "valid_rows": tf.constant([r.valid_rows for r in records], tf.int32),
         "scale": tf.constant([p[0] for p in params], tf.float32),
         "new_size": tf.constant([[p[1], p[2]] for p in params], tf.int32),
         "boxes": tf.RaggedTensor.from_row_lengths(flat_boxes, lengths),
@@ -118,7 +134,7 @@ def _make_loader(cfg, training):
 
     def load(item, seed):
         path = item["file_name"]
-        image = decode_image(tf.io.read_file(path))
+        image = decode_record_image(tf.io.read_file(path), item["valid_rows"])
         image = apply_orientation(image, item["orientation"])
         shape = tf.shape(image)[:2]
         same = tf.reduce_all(tf.equal(shape, item["size"]))
@@ -168,6 +184,57 @@ def _make_loader(cfg, training):
     return load
 
 
+def _load_skipping_failures(ds, load, parallel):
+    """``ds.map(load)`` that skips the images whose decoding fails and names each of them once, with the reason,
+    on the ``frcnn.data`` logger.
+
+    ``ignore_errors`` alone drops them silently: its warning goes to TensorFlow's C++ log, which the tools hide
+    (TF_CPP_MIN_LOG_LEVEL=2), and it does not know the file. So each image is loaded in a one-element dataset whose
+    errors are ignored, followed by a placeholder flagged as failed; the first of the two is kept. Only a failed
+    image reaches Python (to decode it again for the reason and log it), so the good path stays in the graph.
+    """
+    reported = set()
+
+    def report(path, orientation, size, valid_rows):
+        name = path.numpy().decode("utf-8", "replace")
+        if name not in reported:  # once per file, not once per epoch
+            reported.add(name)
+            problem = _decode_problem(name, int(orientation), tuple(int(v) for v in size.numpy()), int(valid_rows))
+            logger.warning("%s: image does not decode (%s) -> image skipped", name, problem or "unknown error")
+        return False
+
+    def one(item, seed):
+        loaded = tf.data.Dataset.from_tensors((item, seed)).map(load).ignore_errors()
+        spec = loaded.element_spec
+        placeholder = tf.nest.map_structure(
+            lambda s: tf.zeros([0 if d is None else d for d in s.shape], s.dtype), spec)
+        flagged = loaded.map(lambda x: (x, True))
+        fallback = tf.data.Dataset.from_tensors((placeholder, False))
+        return flagged.concatenate(fallback).take(1).map(
+            lambda x, ok: (x, ok, item["file_name"], item["orientation"], item["size"], item["valid_rows"]))
+
+    def keep(x, ok, *where):
+        return tf.cond(ok, lambda: tf.constant(True), lambda: tf.py_function(report, list(where), tf.bool))
+
+    # One element per inner dataset and deterministic round robin: the output keeps the record order.
+    ds = ds.interleave(one, cycle_length=None if parallel == tf.data.AUTOTUNE else parallel,
+                       num_parallel_calls=parallel, deterministic=True)
+    return ds.filter(keep).map(lambda x, ok, *where: x)
+
+
+def _decode_problem(file_name, orientation, size, valid_rows=0):
+    """Why ``file_name`` cannot be used as the pipeline decodes it (a string), or None when it decodes to the
+    ``(height, width)`` its record says."""
+    try:
+        image = apply_orientation(decode_record_image(tf.io.read_file(file_name), tf.constant(valid_rows)),
+                                  orientation)
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.UnknownError) as err:
+        return err.message.split("[Op:")[0].strip()
+    if tuple(image.shape[:2]) != tuple(size):
+        return f"decodes to {image.shape[1]}x{image.shape[0]} but the record says {size[1]}x{size[0]}"
+    return None
+
+
 def build_dataset(cfg, records, training, batch_size=None, seed=None):
     """A ``tf.data.Dataset`` of batches as in the module docstring.
 
@@ -194,9 +261,10 @@ def build_dataset(cfg, records, training, batch_size=None, seed=None):
         ds = tf.data.Dataset.zip((ds, seeds))
     else:
         ds = ds.map(lambda item: (item, tf.zeros([2], tf.int64)))
-    ds = ds.map(_make_loader(cfg, training), num_parallel_calls=parallel)
-    if not cfg.data.strict:
-        ds = ds.ignore_errors(log_warning=True)
+    if cfg.data.strict:
+        ds = ds.map(_make_loader(cfg, training), num_parallel_calls=parallel)
+    else:
+        ds = _load_skipping_failures(ds, _make_loader(cfg, training), parallel)
     if training:
         ds = ds.repeat()
     fixed = padded_side(cfg.input.size_divisibility, cfg.input.max_size) if cfg.input.fixed_size else None
@@ -227,14 +295,8 @@ def check_decodable(records, report, num_workers=None):
     from frcnn.data.records import RecordList
 
     def decode(record):
-        try:
-            image = apply_orientation(decode_image(tf.io.read_file(record.file_name)), record.orientation)
-        except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.UnknownError) as err:
-            return err.message.split("[Op:")[0].strip()
-        if tuple(image.shape[:2]) != (record.height, record.width):
-            return (f"decodes to {image.shape[1]}x{image.shape[0]} but the record says "
-                    f"{record.width}x{record.height}")
-        return None
+        return _decode_problem(record.file_name, record.orientation, (record.height, record.width),
+                               record.valid_rows)
 
     workers = num_workers or min(16, os.cpu_count() or 1)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:

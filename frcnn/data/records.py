@@ -41,6 +41,8 @@ class Record:
         COCO crowd boxes. Training keeps difficult boxes only with ``data.use_difficult``; crowd boxes never.
       source_id: the dataset's own id of the image (VOC file stem, COCO image id): used to write results files.
       orientation: EXIF orientation of the stored file (1 = none); the pipeline applies it when decoding.
+      valid_rows: a JPEG cut short: the rows of the stored image that arrived (the pipeline decodes what is there
+        and fills the rest with gray); 0 for a complete file.
     """
 
     image_id: int
@@ -53,6 +55,7 @@ class Record:
     ignore: np.ndarray
     source_id: object = None
     orientation: int = 1
+    valid_rows: int = 0
 
     @property
     def num_boxes(self):
@@ -83,14 +86,14 @@ class RecordList(list):
 
 
 def make_record(image_id, file_name, width, height, boxes=(), classes=(), difficult=None, ignore=None,
-                source_id=None, orientation=1):
+                source_id=None, orientation=1, valid_rows=0):
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     k = boxes.shape[0]
     classes = np.asarray(classes, dtype=np.int32).reshape(k)
     difficult = np.zeros(k, bool) if difficult is None else np.asarray(difficult, dtype=bool).reshape(k)
     ignore = difficult.copy() if ignore is None else np.asarray(ignore, dtype=bool).reshape(k)
     return Record(int(image_id), str(file_name), int(width), int(height), boxes, classes, difficult, ignore,
-                  source_id, int(orientation))
+                  source_id, int(orientation), int(valid_rows))
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,8 @@ def check_boxes(boxes, width, height, path, issues, labels=None):
         what = f"box {i}" + (f" ({labels[i]})" if labels is not None else "") + f" {_fmt_box(boxes[i])}"
         if not finite[i]:
             issues.warn(path, f"non-finite coordinates: {what}", "box dropped")
+        elif empty[i] and (boxes[i, 2] < boxes[i, 0] or boxes[i, 3] < boxes[i, 1]):
+            issues.warn(path, f"inverted box (x1 > x2 or y1 > y2): {what}", "box dropped")
         elif empty[i]:
             issues.warn(path, f"zero-area box: {what}", "box dropped")
         elif outside[i]:

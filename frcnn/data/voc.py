@@ -19,7 +19,7 @@ import xml.etree.ElementTree as ET
 import numpy as np
 
 from frcnn.config import data_roots
-from frcnn.data.imageio import ImageProblem, inspect_image, reconcile_size
+from frcnn.data.imageio import TRUNCATED_ACTION, ImageProblem, inspect_image, reconcile_size, truncated_problem
 from frcnn.data.records import (DataError, IssueCollector, RecordList, Report, check_boxes, class_index,
                                 logger, make_record)
 
@@ -46,16 +46,34 @@ def read_split_ids(root, split):
     if not os.path.isfile(path):
         raise DataError(f"split file {path} does not exist (split '{split}' of data.root {root})")
     with open(path, encoding="utf-8") as f:
-        ids = [line.split()[0] for line in f if line.strip()]
+        ids = [_split_line_id(line) for line in f if line.strip()]
+    if not ids:
+        raise DataError(f"split file {path} lists no image ids (it is empty): split '{split}' of data.root {root} "
+                        "has no images. Put one image id (an annotation file name without .xml) on each line.")
     seen = set()
     unique = []
+    repeated = []
     for i in ids:  # a duplicated id would make the same image count twice
         if i not in seen:
             seen.add(i)
             unique.append(i)
-    if len(unique) != len(ids):
-        logger.warning("%s lists %d ids more than once; each image is used once", path, len(ids) - len(unique))
+        elif i not in repeated:
+            repeated.append(i)
+    if repeated:
+        logger.warning("%s lists %d ids more than once (%s%s); each image is used once", path,
+                       len(ids) - len(unique), ", ".join(repr(i) for i in repeated[:5]),
+                       ", ..." if len(repeated) > 5 else "")
     return unique
+
+
+def _split_line_id(line):
+    """The image id of a split-file line. VOC's per-class files add a flag (``2008_000008  1``); Main/<split>.txt
+    lines are just the id, which may itself contain spaces (``my photo``): only a trailing -1/0/1 is a flag."""
+    text = line.strip()
+    head, _, last = text.rpartition(" ")
+    if head and last in ("-1", "0", "1"):
+        return head.strip()
+    return text
 
 
 def _split_roots(cfg, split, report):
@@ -138,6 +156,14 @@ def _parse_xml(xml_path, issues):
                 issues.warn(xml_path, f"non-numeric coordinate: <{key}> {value!r} of object {index} ({name})",
                             "box dropped")
                 break
+        if len(coords) == 4 and (coords[0] > coords[2] or coords[1] > coords[3]):
+            # Checked on the XML's own numbers: after the 1-based inclusive conversion, xmax = xmin - 1 becomes a
+            # zero-width box, and the message would blame the area instead of the swapped corners.
+            flipped = "xmin > xmax" if coords[0] > coords[2] else "ymin > ymax"
+            issues.warn(xml_path, f"inverted box ({flipped}): object {index} ({name}) "
+                        f"({', '.join(f'{v:g}' for v in coords)})", "box dropped")
+            objects.append((name, None, difficult))
+            continue
         objects.append((name, coords if len(coords) == 4 else None, difficult))
     return filename, size, objects
 
@@ -173,6 +199,8 @@ def _index_image(root, image_id, inspect=True):
     except ImageProblem as err:
         issues.skip(image_path, str(err) + f" (annotation {xml_path})")
         return None, issues.issues
+    if info.valid_rows:
+        issues.warn(image_path, truncated_problem(info), TRUNCATED_ACTION)
     if xml_size is not None and (xml_size[0] <= 0 or xml_size[1] <= 0):
         xml_size = None
     width, height, orientation, problem = reconcile_size(info, xml_size)
@@ -196,6 +224,7 @@ def _index_image(root, image_id, inspect=True):
         width=width,
         height=height,
         orientation=orientation,
+        valid_rows=info.valid_rows,
         boxes=boxes[keep],
         names=[n for n, k in zip(labels, keep) if k],
         difficult=np.array([d for (_, _, d), k in zip(valid, keep) if k], bool),
@@ -270,5 +299,6 @@ def load_voc(cfg, split, class_names=None, report=None, format="voc"):
             ignore=difficult,
             source_id=item["id"],
             orientation=item["orientation"],
+            valid_rows=item["valid_rows"],
         ))
     return records, report
