@@ -16,7 +16,7 @@ from frcnn import evaluation
 from frcnn import training
 from frcnn.config import save_config
 from frcnn.fileio import remove_stale_temporaries
-from frcnn.model import GT_KEYS, build_model
+from frcnn.model import build_model
 from frcnn.visualize import draw_detections, save_image
 
 log = logging.getLogger(__name__)
@@ -35,8 +35,7 @@ def detect_records(model, cfg, records, max_images=None, verbose=1):
     progress = keras.utils.Progbar(len(records), verbose=verbose, unit_name="image")
     detections = []
     for batch in dataset:
-        # Without the ground truth, the model returns detections (in original pixels: the batch has scales).
-        out = model.predict_on_batch({k: v for k, v in batch.items() if k not in GT_KEYS})
+        out = model.predict_on_batch(batch)  # detections in original pixels (the batch has scales)
         for j in range(len(out["num_detections"])):
             n = int(out["num_detections"][j])
             detections.append({

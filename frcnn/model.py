@@ -123,7 +123,8 @@ class FasterRCNN(keras.Model):
     # -------------------------------------------------------------------------------------------- inference
 
     def predict_on_batch(self, x):
-        """Keras' ``predict_on_batch`` (detections of one batch as NumPy arrays), also under ``tf.distribute``.
+        """Keras' ``predict_on_batch`` (detections of one batch as NumPy arrays, ground truth in the batch ignored),
+        also under ``tf.distribute``.
 
         For a model built under a strategy with several replicas, Keras' ``predict_on_batch`` runs the WHOLE batch
         on every replica and concatenates the copies (each image N times). Such a model predicts here with one
@@ -131,11 +132,12 @@ class FasterRCNN(keras.Model):
         (identical) weights, with no collective operation, so under multi-worker training the chief can evaluate
         alone. Evaluation therefore uses one device; ``eval.batch_size`` images per call.
         """
+        x = {key: value for key, value in _batch_dict(x).items() if key not in GT_KEYS}  # detections, not losses
         if _replicas_of(self) == 1:
             return super().predict_on_batch(x)
         import tensorflow as tf
 
-        x = keras.tree.map_structure(tf.convert_to_tensor, _batch_dict(x))
+        x = keras.tree.map_structure(tf.convert_to_tensor, x)
         cache = self.__dict__.setdefault("_local_predict", [])  # out of sight of Keras' attribute tracking
         if not cache:
             cache.append(tf.function(lambda batch: self(batch, training=False), reduce_retracing=True))
