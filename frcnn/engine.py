@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from frcnn import data as data_lib
 from frcnn import evaluation
+from frcnn import pretrained
 from frcnn import training
 from frcnn.config import save_config
 from frcnn.fileio import remove_stale_temporaries
@@ -150,7 +151,8 @@ def train(cfg, workdir, verbose=1):
 
     # Variables (model, optimizer) are created and restored inside the scope, so they are mirrored on every replica.
     with strategy.scope():
-        model = build_model(cfg, load_weights=state is None)
+        # model.backbone_weights may name Detectron2 weights (R-50.pkl, a zoo detector): frcnn.pretrained loads them.
+        model = pretrained.build_model(cfg, load_weights=state is None)
         # Never Keras' whole-step XLA (refused for this model: RoIAlign and NMS have no XLA kernels);
         # train.jit_compile compiles the trunk + RPN head and the ROI head inside the step (FasterRCNN._xla).
         model.compile(optimizer=training.make_optimizer(cfg, steps), jit_compile=False)
