@@ -102,15 +102,11 @@ def c2_name(d2):
     if d2.startswith("backbone.stem.conv1"):
         return {"backbone.stem.conv1.weight": "conv1_w", "backbone.stem.conv1.norm.weight": "res_conv1_bn_s",
                 "backbone.stem.conv1.norm.bias": "res_conv1_bn_b"}[d2]
-    parts = d2.split(".")
-    if parts[0] == "roi_heads":
-        parts = parts[1:]
-    else:
-        parts = parts[1:]
+    parts = d2.split(".")[1:]  # drop backbone. / roi_heads.
     stage, block, branch = parts[0][3], parts[1], parts[2]
     branch = {"shortcut": "branch1", "conv1": "branch2a", "conv2": "branch2b", "conv3": "branch2c"}[branch]
     if parts[3] == "norm":
-        return f"res{stage}_{block}_{branch}_bn_{ {'weight': 's', 'bias': 'b'}[parts[4]] }".replace(" ", "")
+        return f"res{stage}_{block}_{branch}_bn_" + {"weight": "s", "bias": "b"}[parts[4]]
     return f"res{stage}_{block}_{branch}_w"
 
 
