@@ -74,7 +74,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    backbone_weights: str = "none"  # none | imagenet | path to a Keras ResNet-50 weights file
+    backbone_weights: str = "none"  # none | imagenet | Keras ResNet-50 .h5 | Detectron2 .pkl | detectron2:<name>
     norm: str = "frozen"  # frozen | batch | group
     freeze_at: int = 2  # 0: train all; 1: freeze the stem (conv1); 2: stem and res2
     anchor_sizes: Tuple[float, ...] = (128.0, 256.0, 512.0)
@@ -426,10 +426,11 @@ def validate(cfg, source="<config>"):
         fail("model.anchor_offset", f"must be in [0, 1), got {m.anchor_offset}")
     if m.freeze_at not in (0, 1, 2, 3, 4):
         fail("model.freeze_at", f"must be 0..4, got {m.freeze_at}")
-    if m.backbone_weights.lower() not in ("none", "imagenet") and not m.backbone_weights.endswith(
-        (".h5", ".weights.h5", ".keras")
-    ):
-        fail("model.backbone_weights", f"must be none, imagenet or a .h5 file path, got {m.backbone_weights!r}")
+    if (m.backbone_weights.lower() not in ("none", "imagenet")
+            and not m.backbone_weights.startswith("detectron2:")
+            and not m.backbone_weights.endswith((".h5", ".weights.h5", ".keras", ".pkl"))):
+        fail("model.backbone_weights", "must be none, imagenet, a .h5 file path, a Detectron2 .pkl file path or a "
+             f"detectron2:<model zoo name> (see frcnn/pretrained.py), got {m.backbone_weights!r}")
     if cfg.data.classes is not None:
         if not cfg.data.classes:
             fail("data.classes", "must not be empty")

@@ -186,6 +186,7 @@ def _train(cfg, workdir, strategy, chief, verbose):
 
     # Variables (model, optimizer) are created and restored inside the scope, so they are mirrored on every replica.
     with strategy.scope():
+        # model.backbone_weights may name Detectron2 weights (R-50.pkl, a zoo detector): build_model loads them.
         model = build_model(cfg, load_weights=not resume)
         # train.jit_compile: XLA on the whole training step (every op of the model is keras.ops).
         model.compile(optimizer=training.make_optimizer(cfg, steps), jit_compile=cfg.train.jit_compile)

@@ -96,11 +96,17 @@ def load_trained_model(weights, config=None, overrides=(), score_thresh=None):
 
     The backbone is not initialised from ImageNet (the checkpoint replaces every weight). Raises
     :class:`ConfigError` or :class:`TrainingError` naming the file on any problem.
+
+    ``weights`` may also be ``detectron2:<zoo name>`` or a Detectron2 ``.pkl`` file: see
+    :func:`frcnn.pretrained.load_pretrained_model` (the config then defaults to ``configs/detectron2_*.yaml``).
     """
+    from frcnn import pretrained
     from frcnn.data import DataError, resolve_classes
     from frcnn.model import build_model
 
     weights = os.fspath(weights)
+    if pretrained.is_detectron2_spec(weights):  # detectron2:<zoo name> or a Detectron2 .pkl: converted on load
+        return pretrained.load_pretrained_model(weights, config, overrides, score_thresh)
     check_weights_file(weights)
     config_path = config or find_config(weights)
     cfg = load_config(config_path, overrides)

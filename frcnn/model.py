@@ -230,7 +230,13 @@ def build_model(cfg, load_weights=True):
     model = FasterRCNN(cfg, name="faster_rcnn")
     model.build_for_inference()
     if load_weights:
-        load_backbone_weights(cfg.model.backbone_weights, model.trunk, model.roi_heads.head.res5.layer)
+        weights = cfg.model.backbone_weights
+        from frcnn import pretrained  # weights from elsewhere; it imports this module
+
+        if pretrained.is_detectron2_spec(weights):
+            pretrained.load_initial_weights(model, weights)  # R-50.pkl or a zoo detector's trunk, RPN and res5
+        else:
+            load_backbone_weights(weights, model.trunk, model.roi_heads.head.res5.layer)
     return model
 
 

@@ -26,7 +26,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", help="checkpoint to evaluate, e.g. runs/voc/checkpoints/best.weights.h5")
+    parser.add_argument("--weights", help="checkpoint to evaluate, e.g. runs/voc/checkpoints/best.weights.h5, a "
+                                          "Detectron2 model_final_*.pkl or detectron2:<zoo name> (see README)")
     parser.add_argument("--config", help="config name or path (default: the config.yaml saved with the weights)")
     parser.add_argument("--split", help="dataset split (default: data.val_split of the config)")
     parser.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images")

@@ -24,7 +24,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", required=True, help="checkpoint, e.g. runs/shapes/checkpoints/best.weights.h5")
+    parser.add_argument("--weights", required=True,
+                        help="checkpoint, e.g. runs/shapes/checkpoints/best.weights.h5, a Detectron2 "
+                             "model_final_*.pkl or detectron2:<zoo name> (see README)")
     parser.add_argument("--config", help="config name or path (default: the config.yaml saved with the weights)")
     parser.add_argument("--out", required=True, help="folder of the SavedModel (replaced if it holds one)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -22,7 +22,9 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="+", metavar="IMAGE",
                         help="image files, folders (their .jpg/.jpeg/.png/.bmp files) or glob patterns (quoted)")
-    parser.add_argument("--weights", required=True, help="checkpoint, e.g. runs/shapes/checkpoints/best.weights.h5")
+    parser.add_argument("--weights", required=True,
+                        help="checkpoint, e.g. runs/shapes/checkpoints/best.weights.h5, a Detectron2 "
+                             "model_final_*.pkl or detectron2:COCO-Detection/faster_rcnn_R_50_C4_3x (see README)")
     parser.add_argument("--config", help="config name or path (default: the config.yaml saved with the weights)")
     parser.add_argument("--out", default=os.path.join("runs", "infer"),
                         help="output folder for annotated images and detections.json (default: runs/infer)")
@@ -73,7 +75,8 @@ def main(argv=None):
                                                    on_error=report)
         json_path = inference.save_detections(
             os.path.join(args.out, "detections.json"), results, problems + failures,
-            weights=os.path.abspath(args.weights), config=config_path, score_thresh=args.score_thresh,
+            weights=args.weights if args.weights.startswith("detectron2:") else os.path.abspath(args.weights),
+            config=config_path, score_thresh=args.score_thresh,
             classes=list(cfg.data.classes),
         )
     except OSError as err:  # the output folder cannot be created or written
