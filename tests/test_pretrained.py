@@ -497,10 +497,10 @@ def test_r50_pkl_loads_into_trunk_and_res5(tmp_path, layout, caplog):
     cfg = load_config("test.yaml", [CLASSES, "model.norm=frozen", f"model.backbone_weights={path}",
                                     "input.pixel_mean=[103.530,116.280,123.675]"])
     with caplog.at_level(logging.INFO, logger="frcnn.pretrained"):
-        model = pretrained.build_model(cfg)
+        model = frcnn.build_model(cfg)  # model.backbone_weights names R-50.pkl: frcnn.pretrained converts it
     assert "trunk and res5" in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
-    owners = (model.trunk, model.roi_head.res5.layer)
+    owners = (model.trunk, model.roi_heads.head.res5.layer)
     for d2, conv_name, bn_name, part in pretrained.resnet_plan():
         owner = owners[part == "res5"]
         conv, bn = owner.get_layer(conv_name), owner.get_layer(bn_name)
