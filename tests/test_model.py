@@ -162,3 +162,37 @@ def test_missing_backbone_weights_file_is_a_clear_error(tmp_path):
     cfg = load_config("test.yaml", [CLASSES, f"model.backbone_weights={tmp_path}/nope.h5"])
     with pytest.raises(BackboneWeightsError, match="nope.h5"):
         frcnn.build_model(cfg)
+
+
+def test_whole_step_xla_gives_the_same_losses_and_detections():
+    """train.jit_compile: Keras compiles the whole train and predict steps with XLA (every op is keras.ops)."""
+    from frcnn import training
+
+    # Every anchor and proposal sampled: the losses do not depend on the random draws.
+    cfg = load_config("test.yaml", [CLASSES, "model.score_thresh=0.0", "model.rpn_batch_size_per_image=100000",
+                                    "model.rpn_positive_fraction=1.0", "model.num_rois=72",
+                                    "model.roi_positive_fraction=1.0", "train.lr=1e-9", "train.warmup_steps=0"])
+    model = frcnn.build_model(cfg)
+    rng = np.random.default_rng(5)
+    gt = np.zeros((2, cfg.input.max_gt, 4), np.float32)
+    gt[:, 0] = [[10, 12, 60, 50], [20, 40, 90, 100]]
+    valid = np.zeros((2, cfg.input.max_gt), bool)
+    valid[:, 0] = True
+    batch = {"images": rng.uniform(0, 255, (2, 128, 128, 3)).astype(np.float32),
+             "image_sizes": np.array([[128, 128], [112, 128]], np.int32), "gt_boxes": gt,
+             "gt_classes": valid.astype(np.int32), "gt_valid": valid}
+    plain = {k: float(v) for k, v in model(batch, training=True).items()}
+    xla = tf.function(lambda b: model(b, training=True), jit_compile=True)
+    compiled = {k: float(v) for k, v in xla(batch).items()}
+    for name, value in plain.items():
+        assert compiled[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+    inputs = {"images": batch["images"], "image_sizes": batch["image_sizes"]}
+    expected = model.predict_on_batch(inputs)
+    model.compile(optimizer=training.make_optimizer(cfg, steps_per_epoch=10), jit_compile=True)
+    assert model.jit_compile  # Keras keeps XLA on: no layer declares supports_jit = False any more
+    got = model.predict_on_batch(inputs)
+    np.testing.assert_array_equal(got["num_detections"], expected["num_detections"])
+    np.testing.assert_allclose(got["scores"], expected["scores"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["boxes"], expected["boxes"], rtol=1e-4, atol=1e-3)
+    logs = model.train_on_batch(batch, return_dict=True)  # the whole train step under XLA (lr ~ 0)
+    assert logs["loss"] == pytest.approx(sum(plain.values()), rel=1e-4)
