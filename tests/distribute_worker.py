@@ -36,7 +36,7 @@ MIRRORED_OVERRIDES = (
 )
 # The mirrored model also runs the XLA-compiled parts (train.jit_compile), the single-device one does not: the
 # comparison then also checks XLA's numbers and XLA under several replicas. Set False to tell the two apart.
-MIRRORED_JIT = True
+MIRRORED_JIT = False  # whole-step XLA under MirroredStrategy fails on the CPU: see docs/NOTES.md
 
 
 def _split_invariant_sampling():
@@ -143,7 +143,7 @@ def mirrored(out_dir):
     with strategy.scope():
         dist = build_model(cfg.replace(train=dataclasses.replace(cfg.train, jit_compile=MIRRORED_JIT)),
                            load_weights=False)
-        dist.compile(optimizer=training.make_optimizer(cfg, 10), jit_compile=False)
+        dist.compile(optimizer=training.make_optimizer(cfg, 10), jit_compile=MIRRORED_JIT)
         dist.set_weights(initial)
     clock("build mirrored")
 
@@ -155,7 +155,7 @@ def mirrored(out_dir):
     clock("single step 1")
     result["mirrored_losses_1"] = step(dist)
     clock("mirrored step 1")
-    result["mirrored_compiled_functions"] = sorted(dist.__dict__.get("_compiled_functions", {}))
+    result["mirrored_jit_compile"] = bool(dist.jit_compile)
     w_single, w_dist = single.get_weights(), dist.get_weights()
     update = [a - b for a, b in zip(w_single, initial)]
     result["update_size_1"] = max(float(np.max(np.abs(u))) for u in update)
@@ -263,7 +263,7 @@ def worker(workdir, weights_out, result_out, overrides):
         "loss": result["history"].get("loss"),
         "metrics": None if result["metrics"] is None else {"num_images": result["metrics"].get("num_images")},
         "policy": model.dtype_policy.name,
-        "compiled_functions": sorted(model.__dict__.get("_compiled_functions", {})),
+        "local_predict": bool(model.__dict__.get("_local_predict")),
     }
     with open(result_out, "w", encoding="utf-8") as f:
         json.dump(summary, f)

@@ -171,7 +171,7 @@ def test_whole_step_xla_gives_the_same_losses_and_detections():
     # Every anchor and proposal sampled: the losses do not depend on the random draws.
     cfg = load_config("test.yaml", [CLASSES, "model.score_thresh=0.0", "model.rpn_batch_size_per_image=100000",
                                     "model.rpn_positive_fraction=1.0", "model.num_rois=72",
-                                    "model.roi_positive_fraction=1.0", "train.lr=1e-9", "train.warmup_steps=0"])
+                                    "model.roi_positive_fraction=1.0", "train.lr=0.000000001", "train.warmup_steps=0"])
     model = frcnn.build_model(cfg)
     rng = np.random.default_rng(5)
     gt = np.zeros((2, cfg.input.max_gt, 4), np.float32)
