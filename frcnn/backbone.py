@@ -25,14 +25,10 @@ log = logging.getLogger(__name__)
 
 BN_EPSILON = 1.001e-5  # keras.applications' value, so ImageNet statistics mean the same thing
 IMAGENET_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
-# Per-channel means of ImageNet in BGR order: keras.applications.resnet50.preprocess_input ("caffe" mode).
-CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
 
 # Stages: (name, filters of the bottleneck, blocks, stride of the first block)
 STAGES = (("conv2", 64, 3, 1), ("conv3", 128, 4, 2), ("conv4", 256, 6, 2), ("conv5", 512, 3, 2))
-TRUNK_OUTPUT = "conv4_block6_out"
 TRUNK_CHANNELS = 1024
-RES5_CHANNELS = 2048
 
 
 class BackboneWeightsError(RuntimeError):

@@ -270,7 +270,7 @@ def _legacy_weights(filepath):
     with h5py.File(path, "r") as f:
         if "layers/rpn_head" not in f:
             return None
-        fd, tmp = tempfile.mkstemp(suffix=".weights.h5", dir=os.path.dirname(os.path.abspath(path)))
+        fd, tmp = tempfile.mkstemp(suffix=".weights.h5")  # not beside the checkpoint: its folder may be read-only
         os.close(fd)
         with h5py.File(tmp, "w") as out:
             for key, value in f.attrs.items():

@@ -14,11 +14,6 @@ from keras import ops
 from frcnn import boxes as box_ops
 
 
-def _static_or_dynamic(x, axis):
-    """``x.shape[axis]``: a Python int when known when tracing, else a scalar tensor (TensorFlow, dynamic shapes)."""
-    return ops.shape(x)[axis]
-
-
 def gather_rows(x, indices):
     """``(B, K, ...)`` and ``(B, M)`` integer indices into K -> ``(B, M, ...)``: row ``indices[b, m]`` of ``x[b]``."""
     shape = ops.shape(x)
@@ -59,7 +54,7 @@ def non_max_suppression(boxes, scores, valid, max_output, iou_threshold):
     boxes = ops.concatenate([boxes, ops.zeros((batch, max_output, 4), "float32")], axis=1)
     scores = ops.concatenate([scores, ops.zeros((batch, max_output), "float32")], axis=1)
     valid = ops.concatenate([valid, ops.zeros((batch, max_output), "bool")], axis=1)
-    count = _static_or_dynamic(boxes, 1)  # K + M
+    count = ops.shape(boxes)[1]  # K + M: an int when static, else a scalar tensor (TensorFlow)
 
     _, order = ops.top_k(ops.where(valid, scores, float("-inf")), k=count)  # (B, K + M), decreasing score
     sorted_boxes = gather_rows(boxes, order)

@@ -53,7 +53,8 @@ class TrainingError(RuntimeError):
 #   all-reduce), so the update uses the mean over replicas, which is the global-batch mean whenever every image
 #   fills its anchor and ROI samples (the usual case, and what Detectron2 does across GPUs).
 # - Keras clips gradients and checks them for overflow (mixed_float16) on each replica BEFORE its all-reduce;
-#   :func:`sync_replica_gradients` makes both decisions global.
+#   :func:`sync_replica_gradients`, run by the optimizers of :func:`make_optimizer` (ReplicaConsistentApply),
+#   makes both decisions global.
 # - Checkpoints and logs are written by the chief only; every worker restores the same checkpoint.
 
 
@@ -147,6 +148,8 @@ def sync_replica_gradients(grads, optimizer):
 
     One replica (or no replica context): returns ``grads`` unchanged.
     """
+    if keras.backend.backend() != "tensorflow":
+        return grads
     context = tf.distribute.get_replica_context()
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
     if context is None or replicas == 1:
@@ -226,14 +229,43 @@ def make_optimizer(cfg, steps_per_epoch):
         t.lr_gamma,
     )
     common = {"global_clipnorm": t.clip_norm, "weight_decay": t.weight_decay or None}
+    # The outermost optimizer syncs the replicas' decisions (ReplicaConsistentApply); with mixed_float16 that is the
+    # loss-scale wrapper (made here, so compile() does not wrap again) and the inner optimizer is a plain one.
+    loss_scaled = t.mixed_precision == "mixed_float16"
     if t.optimizer == "sgd":
-        opt = keras.optimizers.SGD(schedule, momentum=t.momentum, **common)
+        cls = keras.optimizers.SGD if loss_scaled else SGD
+        opt = cls(schedule, momentum=t.momentum, **common)
     else:
-        opt = keras.optimizers.Adam(schedule, **common)
+        cls = keras.optimizers.Adam if loss_scaled else Adam
+        opt = cls(schedule, **common)
     if t.weight_decay:
         # Decay only the kernels, as is usual for detectors: biases and normalisation parameters are left alone.
         opt.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
-    return opt
+    return LossScaleOptimizer(opt) if loss_scaled else opt
+
+
+class ReplicaConsistentApply:
+    """Optimizer mixin: ``apply`` passes the gradients through :func:`sync_replica_gradients` first, so that under
+    ``tf.distribute`` clipping and loss-scale skips are decided on the global gradient, not per replica. Keras' own
+    ``train_step`` calls ``apply``; on one replica and on other backends nothing changes."""
+
+    def apply(self, grads, trainable_variables=None):
+        return super().apply(sync_replica_gradients(list(grads), self), trainable_variables)
+
+
+@keras.saving.register_keras_serializable(package="frcnn")
+class SGD(ReplicaConsistentApply, keras.optimizers.SGD):
+    pass
+
+
+@keras.saving.register_keras_serializable(package="frcnn")
+class Adam(ReplicaConsistentApply, keras.optimizers.Adam):
+    pass
+
+
+@keras.saving.register_keras_serializable(package="frcnn")
+class LossScaleOptimizer(ReplicaConsistentApply, keras.optimizers.LossScaleOptimizer):
+    pass
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints

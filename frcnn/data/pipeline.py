@@ -17,7 +17,8 @@ read the file, decode (any of JPEG / PNG / GIF / BMP / WebP; grayscale and RGBA 
 orientation, resize with one factor so that the shorter side is ``input.test_min_size`` (training: ``input.min_size``,
 one drawn per image when it is a list) unless the longer would exceed ``input.max_size`` (bilinear), flip horizontally with probability 1/2 in training (``input.flip``), pad.
 
-Resize: the factor and the output size ``round(side * scale)`` are computed once per record in Python (float64).
+Resize: the factor and the output size ``round(side * scale)`` are computed in the graph in float64
+(:func:`frcnn.transform.resize_params_tf`, the same numbers as the Python rule that ``detect`` uses).
 Boxes are multiplied by the same single ``scale`` that ``"scales"`` reports, so dividing predictions by it maps them
 exactly back to original pixels; the image itself is resized to whole pixels, which can differ from ``side * scale``
 by up to half a pixel at the far edge.
@@ -44,7 +45,7 @@ import tensorflow as tf
 from frcnn.data.imageio import TRUNCATED_FILL
 from frcnn.data.imageio import load_image  # noqa: F401  (re-exported: the single-image loader for inference)
 from frcnn.data.records import DataError
-from frcnn.transform import padded_side, resize_image, resize_params, resize_params_tf
+from frcnn.transform import padded_side, resize_image, resize_params_tf
 
 logger = logging.getLogger("frcnn.data")
 
@@ -109,7 +110,6 @@ def _gt_arrays(cfg, records):
 
 
 def _slices(cfg, records):
-    params = [resize_params(r.height, r.width, cfg.input.test_min_size, cfg.input.max_size) for r in records]
     flat_boxes, flat_classes, lengths = _gt_arrays(cfg, records)
     return {
         "file_name": tf.constant([r.file_name for r in records], tf.string),
@@ -117,8 +117,6 @@ def _slices(cfg, records):
         "size": tf.constant([[r.height, r.width] for r in records], tf.int32),
         "orientation": tf.constant([r.orientation for r in records], tf.int32),
         "valid_rows": tf.constant([r.valid_rows for r in records], tf.int32),
-        "scale": tf.constant([p[0] for p in params], tf.float32),
-        "new_size": tf.constant([[p[1], p[2]] for p in params], tf.int32),
         "boxes": tf.RaggedTensor.from_row_lengths(flat_boxes, lengths),
         "classes": tf.RaggedTensor.from_row_lengths(flat_classes, lengths),
     }
@@ -129,8 +127,9 @@ def _make_loader(cfg, training):
     divisor = cfg.input.size_divisibility
     flip = training and cfg.input.flip
     fixed = padded_side(divisor, cfg.input.max_size) if cfg.input.fixed_size else None
-    # Multi-scale training: each image draws its shorter side from input.min_size (a list).
-    min_sizes = cfg.input.train_min_sizes if training and len(cfg.input.train_min_sizes) > 1 else None
+    # Multi-scale training: each image draws its shorter side from input.min_size (a list); evaluation uses
+    # input.test_min_size.
+    min_sizes = cfg.input.train_min_sizes if training else (cfg.input.test_min_size,)
 
     def load(item, seed):
         path = item["file_name"]
@@ -142,12 +141,12 @@ def _make_loader(cfg, training):
                                            "but its record says", item["size"], "- image skipped"])
         with tf.control_dependencies([check]):
             image = tf.identity(image)
-        if min_sizes is None:
-            scale, new_size = item["scale"], item["new_size"]
-        else:
+        min_size = min_sizes[0]
+        if len(min_sizes) > 1:
             pick = tf.random.stateless_uniform([], seed=seed + tf.constant([0, 1], tf.int64), maxval=len(min_sizes),
                                                dtype=tf.int32)
-            scale, new_size = resize_params_tf(shape[0], shape[1], tf.gather(min_sizes, pick), cfg.input.max_size)
+            min_size = tf.gather(min_sizes, pick)
+        scale, new_size = resize_params_tf(shape[0], shape[1], min_size, cfg.input.max_size)
         image = resize_image(image, new_size)
         image = tf.clip_by_value(image, 0.0, 255.0)  # bilinear never overshoots; kept as a guard for other methods
         boxes = tf.reshape(tf.cast(item["boxes"], tf.float32), [-1, 4]) * scale
