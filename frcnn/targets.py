@@ -96,6 +96,11 @@ def match(iou, gt_valid, fg_thresh, bg_thresh, allow_low_quality_matches=False):
 # ------------------------------------------------------------------------------------------------------ sampling
 
 
+def _uniform_keys(shape, seed):
+    """The random keys that rank candidates for sampling: uniform in ``[0, 1)``, one per candidate."""
+    return keras.random.uniform(shape, seed=seed)
+
+
 def _take_random(mask, count, keys, max_count):
     """Pick ``count[b]`` members of ``mask[b]`` with the largest random ``keys``: a ``(B, N)`` bool mask.
 
@@ -139,7 +144,7 @@ def sample_balanced(labels, candidate_mask, num_samples, positive_fraction, seed
     num_pos = ops.minimum(ops.sum(ops.cast(positive, "int32"), axis=-1), max_positive)  # (B,)
     num_neg = ops.minimum(ops.sum(ops.cast(negative, "int32"), axis=-1), num_samples - num_pos)  # (B,)
     # One set of keys serves both draws: positives and negatives are disjoint, so each draw is still uniform.
-    keys = keras.random.uniform(ops.shape(labels), seed=seed)
+    keys = _uniform_keys(ops.shape(labels), seed)
     pos_mask = _take_random(positive, num_pos, keys, max_positive)
     neg_mask = _take_random(negative, num_neg, keys, num_samples)
     return pos_mask, neg_mask

@@ -34,9 +34,10 @@ MIRRORED_OVERRIDES = (
     "train.weight_decay=0.0001", "train.batch_size=2", "data.classes=[circle, square, triangle]",
     "model.freeze_at=4",
 )
-# The mirrored model also runs the XLA-compiled parts (train.jit_compile), the single-device one does not: the
-# comparison then also checks XLA's numbers and XLA under several replicas. Set False to tell the two apart.
-MIRRORED_JIT = False  # whole-step XLA under MirroredStrategy fails on the CPU: see docs/NOTES.md
+# Whole-step XLA (train.jit_compile) under MirroredStrategy cannot run on the tests' two LOGICAL CPU devices: XLA
+# refuses a step whose variables sit on another device (TensorFlow's known issue "tf.Variable on a different
+# device"). Set True on a machine with two GPUs to compare XLA under several replicas with the plain single step.
+MIRRORED_JIT = False
 
 
 def _split_invariant_sampling():

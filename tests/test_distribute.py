@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "distribute_worker.py")
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from distribute_worker import MIRRORED_OVERRIDES  # noqa: E402
+from distribute_worker import MIRRORED_JIT, MIRRORED_OVERRIDES  # noqa: E402
 
 MIRRORED_TIMEOUT = 420  # seconds; about 90 s on 2 cores
 WORKERS_TIMEOUT = 420  # about 60 s (two processes)
@@ -191,11 +191,9 @@ def test_mixed_float16_trains_a_step_on_cpu_with_loss_scaling_and_float32_output
 # ------------------------------------------------------------------------------------ MirroredStrategy (child)
 
 
-@pytest.mark.xfail(reason="since the keras.ops rewrite each replica draws its own anchor/ROI samples from the parts' "
-                          "SeedGenerator, so the split step no longer samples what the single-device step samples "
-                          "(losses 2.009 vs 2.047); open in issue 11", strict=False)
 def test_mirrored_xla_step_on_a_split_batch_equals_the_single_device_step(mirrored):
     assert mirrored["replicas"] == 2
+    assert mirrored["mirrored_jit_compile"] == MIRRORED_JIT  # XLA as the worker asked for
     assert mirrored["per_replica_images"] == [1, 1]  # fit gives each replica its half of the global batch
     assert mirrored["replica_images_are_the_two_images"]
     for step in (1, 2):
