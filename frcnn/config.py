@@ -55,6 +55,7 @@ class SyntheticConfig:
     num_val: int = 24
     image_size: int = 256
     max_objects: int = 4
+    object_size: Optional[Tuple[float, ...]] = None  # (min, max) object extent in pixels; None: 24..112 * size/256
     seed: int = 0
 
 
@@ -130,7 +131,7 @@ class TrainConfig:
     val_max_images: Optional[int] = None
     checkpoint_every: int = 500  # also save the last checkpoint every N steps (0: only at epoch ends)
     strategy: str = "default"  # default | mirrored | multi_worker
-    mixed_precision: str = "off"  # off | mixed_float16 | mixed_bfloat16
+    mixed_precision: str = "off"  # off | mixed_float16 | mixed_bfloat16 | auto (bfloat16 where native)
     jit_compile: bool = False
 
 
@@ -352,7 +353,7 @@ _CHOICES = {
     "model.norm": ("frozen", "batch", "group"),
     "train.optimizer": ("sgd", "adam"),
     "train.strategy": ("default", "mirrored", "multi_worker"),
-    "train.mixed_precision": ("off", "mixed_float16", "mixed_bfloat16"),
+    "train.mixed_precision": ("off", "mixed_float16", "mixed_bfloat16", "auto"),
     "input.channel_order": ("bgr", "rgb"),
 }
 
@@ -384,6 +385,11 @@ def validate(cfg, source="<config>"):
             node = getattr(node, part)
         if node <= 0:
             fail(key, f"must be positive, got {node!r}")
+    syn = cfg.data.synthetic
+    if syn.object_size is not None and not (len(syn.object_size) == 2
+                                            and 4 <= syn.object_size[0] <= syn.object_size[1] < syn.image_size):
+        fail("data.synthetic.object_size", "must be null or [min, max] pixels with 4 <= min <= max < "
+             f"data.synthetic.image_size ({syn.image_size}), got {list(syn.object_size)}")
     i = cfg.input
     if not i.train_min_sizes or any(v <= 0 for v in i.train_min_sizes):
         fail("input.min_size", f"must be a positive size or a non-empty list of them, got {i.min_size!r}")

@@ -17,7 +17,7 @@ from frcnn import training
 from frcnn.config import save_config
 from frcnn.fileio import remove_stale_temporaries
 from frcnn.model import build_model
-from frcnn.visualize import draw_detections, save_image
+from frcnn.visualize import draw_confident, save_image
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,12 @@ class EvaluationCallback(keras.callbacks.Callback):
     Place it before :class:`frcnn.training.CheckpointManager` and ``TensorBoard`` in the callback list.
     """
 
-    def __init__(self, cfg, records, class_names, category_ids=None, every=1, max_images=None):
+    def __init__(self, cfg, records, class_names, category_ids=None, every=1, max_images=None, image_log_dir=None,
+                 num_images=3):
         super().__init__()
+        self.image_log_dir = image_log_dir
+        self.num_images = num_images
+        self._image_writer = None
         self.cfg = cfg
         self.records = records
         self.class_names = class_names
@@ -93,14 +97,38 @@ class EvaluationCallback(keras.callbacks.Callback):
         last = epoch + 1 == self.params.get("epochs")
         if logs is None or not self.every or ((epoch + 1) % self.every and not last):
             return
-        metrics, _ = evaluate_records(self.model, self.cfg, self.records, self.class_names, self.category_ids,
-                                      self.max_images, verbose=0)
+        metrics, detections = evaluate_records(self.model, self.cfg, self.records, self.class_names,
+                                               self.category_ids, self.max_images, verbose=0)
         self.last_metrics = metrics
+        if self.image_log_dir and self.num_images:
+            self._write_images(detections, epoch)
         for key in ("AP", "AP50", "AP75", "voc07_mAP50"):
             value = metrics.get(key)
             logs[f"val_{key}"] = float(value) if value is not None and value >= 0 else 0.0
         print(f"\nepoch {epoch + 1}: val AP {logs['val_AP']:.4f}  AP50 {logs['val_AP50']:.4f}  "
               f"VOC07 mAP50 {logs['val_voc07_mAP50']:.4f}")
+
+    def _write_images(self, detections, epoch):
+        """The first ``num_images`` validation images with this evaluation's detections drawn, to TensorBoard
+        (``<logs>/images``, one tag per image, stepped by epoch like Keras' own epoch summaries)."""
+        if self._image_writer is None:
+            self._image_writer = tf.summary.create_file_writer(self.image_log_dir)
+        by_id = {d["image_id"]: d for d in detections}
+        written = 0
+        with self._image_writer.as_default():
+            for record in self.records:
+                if written == self.num_images:
+                    break
+                if record.image_id not in by_id:
+                    continue
+                try:
+                    image = data_lib.load_image(record.file_name)
+                except data_lib.DataError:
+                    continue
+                drawn = draw_confident(image, by_id[record.image_id], self.model.class_names)
+                tf.summary.image(f"validation/{os.path.basename(record.file_name)}", drawn[None], step=epoch)
+                written += 1
+        self._image_writer.flush()
 
 
 # ------------------------------------------------------------------------------------------------------ training
@@ -131,6 +159,7 @@ def train(cfg, workdir, verbose=1):
     Returns ``(model, result)`` where ``result`` has the final validation metrics (or None), the history and the
     path of an annotated prediction image.
     """
+    training.check_trainable(cfg)  # a combination that cannot train is refused before anything is read or written
     # First, before any TensorFlow op: a multi-worker strategy configures the runtime's collectives at creation.
     strategy = training.make_strategy(cfg.train.strategy)
     chief = training.is_chief(strategy)
@@ -216,8 +245,10 @@ def _train(cfg, workdir, strategy, chief, verbose):
     # Evaluation runs on the chief alone, on one device (FasterRCNN.predict_on_batch); the other workers go on.
     if chief and val_records and cfg.train.val_every:
         evaluator = EvaluationCallback(cfg, val_records, class_names, category_ids, cfg.train.val_every,
-                                       cfg.train.val_max_images)
+                                       cfg.train.val_max_images, image_log_dir=os.path.join(workdir, "logs", "images"))
         callbacks.append(evaluator)
+    if chief and verbose:
+        callbacks.append(training.TimeLeft(cfg.train.epochs))  # after the evaluator: its time counts
     manager = training.CheckpointManager(
         checkpoint_dir, steps, every_steps=cfg.train.checkpoint_every, monitor="val_AP",
         best=state.get("best") if state else None, chief=chief,
@@ -254,11 +285,7 @@ def _annotate_example(model, records, workdir):
             image = data_lib.load_image(record.file_name)
         except data_lib.DataError:
             continue
-        det = model.detect([image])[0]
-        # Confident detections only (at least the best three, so an early model still shows something).
-        keep = max(int(np.sum(det["scores"] >= 0.3)), min(3, len(det["scores"])))
-        drawn = draw_detections(image, det["boxes"][:keep], det["scores"][:keep], det["classes"][:keep],
-                                model.class_names)
+        drawn = draw_confident(image, model.detect([image])[0], model.class_names)
         return save_image(os.path.join(workdir, "prediction.jpg"), drawn)
     return None
 

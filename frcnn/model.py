@@ -22,8 +22,9 @@ import numpy as np
 from keras import ops
 
 from frcnn import transform
-from frcnn.backbone import build_trunk, load_backbone_weights
+from frcnn.backbone import build_trunk, fold_frozen_batchnorm, load_backbone_weights
 from frcnn.config import Config, config_from_dict
+from frcnn.precision import resolve_policy
 from frcnn.roi_heads import ROIHeads
 from frcnn.rpn import RPN
 
@@ -80,6 +81,18 @@ class FasterRCNN(keras.Model):
         if "image_ids" in inputs:
             outputs = {**outputs, "image_ids": inputs["image_ids"]}
         return outputs
+
+    def fold_batchnorm(self):
+        """Fold the frozen BatchNorms (``model.norm: frozen``) into their convolutions, for inference and export:
+        the same outputs to float round-off, without the norms' per-pixel work. Returns the number folded (0 for
+        other norms). Weights saved afterwards still load into an unfolded model (see
+        :func:`frcnn.backbone.fold_frozen_batchnorm`)."""
+        folded = fold_frozen_batchnorm(self.trunk, self.roi_heads.head.res5.layer)
+        if folded:
+            # Prediction functions traced before would still apply the norms.
+            self.predict_function = None
+            self.__dict__.pop("_local_predict", None)
+        return folded
 
     # ---------------------------------------------------------------------------------------------- training
 
@@ -225,8 +238,7 @@ def build_model(cfg, load_weights=True):
         from frcnn.data import resolve_classes  # the data readers know where the class list lives
 
         cfg = resolve_classes(cfg)
-    policy = {"off": "float32"}.get(cfg.train.mixed_precision, cfg.train.mixed_precision)
-    keras.mixed_precision.set_global_policy(policy)
+    keras.mixed_precision.set_global_policy(resolve_policy(cfg.train.mixed_precision))
     model = FasterRCNN(cfg, name="faster_rcnn")
     model.build_for_inference()
     if load_weights:

@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import shutil
+import time
 
 import keras
 import numpy as np
@@ -40,6 +41,26 @@ STATE_FILE = "state.json"
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a NaN loss, a checkpoint that does not fit the model); the message says why."""
+
+
+def check_trainable(cfg):
+    """Refuse, before any work, a configuration that cannot train (the message says what to use instead).
+
+    Frozen normalisation keeps BatchNorm's statistics and affine parameters fixed; from random weights those are
+    the identity (mean 0, variance 1), so nothing keeps the activations of 50 layers in range: the loss overflows
+    within a few steps. Frozen norms need pretrained weights; training from scratch needs a norm that trains.
+    """
+    m = cfg.model
+    if m.norm == "frozen" and m.backbone_weights.lower() == "none":
+        raise TrainingError(
+            "model.norm=frozen with model.backbone_weights=none cannot train: frozen BatchNorm keeps the identity "
+            "statistics of randomly initialised weights and the loss diverges within a few steps. Train from "
+            "scratch with model.norm=group (as configs/shapes.yaml does), or start from pretrained weights "
+            "(model.backbone_weights=imagenet, a ResNet-50 .h5 file or detectron2:ImageNetPretrained/MSRA/R-50)"
+        )
+    if m.backbone_weights.lower() == "none" and m.freeze_at > 0:
+        log.warning("model.freeze_at=%d with model.backbone_weights=none freezes randomly initialised layers; "
+                    "use model.freeze_at=0 to train from scratch", m.freeze_at)
 
 
 # ------------------------------------------------------------------------------------------------ distribution
@@ -520,6 +541,30 @@ class StopOnNonFinite(keras.callbacks.Callback):
             "train.lr or set train.clip_norm."
         )
         self.model.stop_training = True
+
+
+class TimeLeft(keras.callbacks.Callback):
+    """Prints, after each epoch (its validation included), the time spent and an estimate of the time left for
+    the whole run: Keras' progress bar estimates only the epoch in progress."""
+
+    def __init__(self, total_epochs):
+        super().__init__()
+        self.total_epochs = total_epochs
+        self._start = self._first = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._start is None:
+            self._start, self._first = time.monotonic(), epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        done = epoch + 1 - self._first
+        spent = time.monotonic() - self._start
+        left = spent / done * (self.total_epochs - epoch - 1)
+        print(f"epoch {epoch + 1}/{self.total_epochs} done: {_minutes(spent)} so far, about {_minutes(left)} left")
+
+
+def _minutes(seconds):
+    return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
 
 
 def steps_per_epoch(cfg, num_train_images):

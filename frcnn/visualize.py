@@ -40,6 +40,17 @@ def draw_detections(image, boxes, scores, classes, class_names, score_thresh=0.0
     return out
 
 
+def draw_confident(image, detection, class_names, min_score=0.5):
+    """``image`` with the detections of ``detection`` (a dict of ``boxes``, ``scores``, ``classes``) scoring at
+    least ``min_score`` drawn; when none does, the best one, so that an early model still shows something."""
+    scores = np.asarray(detection["scores"])
+    keep = scores >= min_score
+    if not keep.any() and len(scores):
+        keep[np.argmax(scores)] = True
+    return draw_detections(image, np.asarray(detection["boxes"])[keep], scores[keep],
+                           np.asarray(detection["classes"])[keep], class_names)
+
+
 def save_image(path, image):
     """Write an RGB uint8 image (JPEG or PNG by extension); raises OSError naming the path on failure."""
     if not cv2.imwrite(path, cv2.cvtColor(np.asarray(image, np.uint8), cv2.COLOR_RGB2BGR)):

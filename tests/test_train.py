@@ -102,3 +102,22 @@ def test_train_tool_refuses_bad_override(capsys):
 
     assert train_tool.main(["--config", "test.yaml", "--set", "model.no_such_key=1"]) == 2
     assert "model.no_such_key" in capsys.readouterr().err
+
+
+def test_frozen_norm_from_random_weights_is_refused_before_any_work(tmp_path):
+    """norm=frozen keeps the identity statistics of random weights and diverges: refused by name, before the work
+    directory or the dataset is touched, with what to use instead."""
+    from frcnn.training import TrainingError
+
+    cfg = load_config("voc.yaml", ["model.backbone_weights=none", f"data.root={tmp_path / 'no_such_voc'}"])
+    assert cfg.model.norm == "frozen"
+    with pytest.raises(TrainingError, match="model.norm=frozen with model.backbone_weights=none") as err:
+        engine.train(cfg, str(tmp_path / "run"), verbose=0)
+    assert "model.norm=group" in str(err.value) and "imagenet" in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+    import train as train_tool
+
+    assert train_tool.main(["--config", "voc.yaml", "--set", "model.backbone_weights=none",
+                            "--workdir", str(tmp_path / "run2")]) == 2
+    assert not (tmp_path / "run2").exists()

@@ -2,8 +2,9 @@
 
 Each image is a textured, noisy background (a low-saturation colour, a gradient, low-frequency ripples, pixel noise)
 with ``0..max_objects`` filled shapes of three classes, :data:`SHAPE_CLASSES`, in saturated colours that say
-nothing about the class. Objects measure about ``24..112`` px at ``image_size = 256`` (scaled with the image size),
-which suits anchors of ``32..128`` px. Objects may overlap a little, but every object keeps at least 60% of its area
+nothing about the class. Objects measure ``data.synthetic.object_size``
+pixels (default about ``24..112`` px at ``image_size = 256``, scaled with the image size), which suits anchors of
+``32..128`` px. Objects may overlap a little, but every object keeps at least 60% of its area
 visible and no two boxes overlap with IoU above 0.3. Boxes are the exact extent of each object's VISIBLE pixels.
 One image in 25 has no object at all (background-only images are valid training data).
 
@@ -41,11 +42,19 @@ def _params(cfg):
         "num_train": s.num_train,
         "num_val": s.num_val if cfg.data.val_split else 0,
         "max_objects": s.max_objects,
+        "object_size": list(_object_size(s.object_size, s.image_size)),
         "seed": s.seed,
         "train_split": cfg.data.train_split,
         "val_split": cfg.data.val_split,
         "classes": list(SHAPE_CLASSES),
     }
+
+
+def _object_size(object_size, image_size):
+    """(min, max) object extent in pixels: the configured range, or 24..112 px scaled by ``image_size / 256``."""
+    if object_size is None:
+        return 24.0 * image_size / 256.0, 112.0 * image_size / 256.0
+    return float(object_size[0]), float(object_size[1])
 
 
 def _background(rng, size):
@@ -100,14 +109,15 @@ def _bbox(mask):
     return (float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1))
 
 
-def render_image(rng, size, max_objects, empty):
-    """One synthetic image: ``(uint8 RGB image, [(class index 0..2, (x1, y1, x2, y2))])``."""
+def render_image(rng, size, max_objects, empty, object_size=None):
+    """One synthetic image: ``(uint8 RGB image, [(class index 0..2, (x1, y1, x2, y2))])``; objects measure
+    ``object_size = (min, max)`` pixels (log-uniform; default 24..112 scaled by ``size / 256``)."""
     image = _background(rng, size)
     labels = np.zeros((size, size), np.int32)  # 0 = background, k = object k (1-based); later objects on top
     full_areas = []
     objects = []  # (cls, colour)
     n = 0 if empty else int(rng.integers(1, max_objects + 1))
-    lo, hi = 24.0 * size / 256.0, 112.0 * size / 256.0
+    lo, hi = _object_size(object_size, size)
     for _ in range(n):
         for _attempt in range(30):
             cls = int(rng.integers(len(SHAPE_CLASSES)))
@@ -174,7 +184,8 @@ def _write(directory, params):
         ids = []
         for i in range(count):
             rng = np.random.default_rng([params["seed"], split_code, i])
-            image, annotations = render_image(rng, size, params["max_objects"], i % _EMPTY_EVERY == 12)
+            image, annotations = render_image(rng, size, params["max_objects"], i % _EMPTY_EVERY == 12,
+                                              params["object_size"])
             image_id = f"{split}_{i:05d}"
             ok, data = cv2.imencode(".jpg", image[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
             if not ok:

@@ -1,0 +1,80 @@
+"""Precision and inference speed-ups keep the detections: folded frozen BatchNorm, bfloat16 against float32."""
+
+import numpy as np
+import pytest
+
+import frcnn
+from frcnn import backbone
+from frcnn.config import load_config
+from frcnn.data.shapes import render_image
+
+CLASSES = "data.classes=[circle,square,triangle]"
+
+
+@pytest.fixture
+def float32_policy():
+    """Tests here switch the global dtype policy (build_model sets it from the config): restore float32 after."""
+    import keras
+
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def _images(count, size=128, seed=5):
+    return [render_image(np.random.default_rng([seed, i]), size, 3, False)[0] for i in range(count)]
+
+
+def _randomise_norms(model, rng):
+    """Non-trivial frozen statistics and affine parameters (fresh ones are the identity, which folds trivially)."""
+    for layer in model.trunk.layers + model.roi_heads.head.res5.layer.layers:
+        if isinstance(layer, backbone.FrozenBatchNormalization):
+            c = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(0.5, 1.5, c), rng.normal(0, 0.1, c), rng.normal(0, 0.1, c),
+                               rng.uniform(0.5, 2.0, c)])
+
+
+def test_folding_frozen_batchnorm_keeps_the_detections(tmp_path, float32_policy):
+    cfg = load_config("test.yaml", [CLASSES, "model.norm=frozen", "model.score_thresh=0.0"])
+    model = frcnn.build_model(cfg, load_weights=False)
+    _randomise_norms(model, np.random.default_rng(0))
+    images = _images(2)
+    before = model.detect(images)
+    norms = sum(isinstance(layer, backbone.FrozenBatchNormalization)
+                for layer in model.trunk.layers + model.roi_heads.head.res5.layer.layers)
+    assert norms == 53  # every norm of ResNet-50 (stem 1, res2-res4 33... as built: 43 in the trunk, 10 in res5)
+    assert model.fold_batchnorm() == norms
+    assert model.fold_batchnorm() == 0  # idempotent
+    after = model.detect(images)
+    for b, a in zip(before, after):
+        np.testing.assert_array_equal(b["classes"][:20], a["classes"][:20])
+        np.testing.assert_allclose(b["scores"][:20], a["scores"][:20], rtol=1e-3, atol=1e-5)
+        np.testing.assert_allclose(b["boxes"][:20], a["boxes"][:20], rtol=1e-3, atol=1e-2)
+
+    # Weights saved after folding carry the folded convolutions and identity norms: an unfolded model that loads
+    # them computes the same.
+    path = str(tmp_path / "folded.weights.h5")
+    model.save_weights(path)
+    fresh = frcnn.build_model(cfg, load_weights=False)
+    fresh.load_weights(path)
+    again = fresh.detect(images)
+    for a, g in zip(after, again):
+        np.testing.assert_allclose(a["scores"][:20], g["scores"][:20], rtol=1e-4, atol=1e-6)
+
+
+def test_frozen_batchnorm_computes_batchnorm_in_inference_mode(float32_policy):
+    import keras
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, 5, 5, 8)).astype("float32")
+    weights = [rng.uniform(0.5, 1.5, 8), rng.normal(0, 1, 8), rng.normal(0, 1, 8), rng.uniform(0.5, 2, 8)]
+    frozen = backbone.FrozenBatchNormalization(epsilon=backbone.BN_EPSILON)
+    plain = keras.layers.BatchNormalization(epsilon=backbone.BN_EPSILON)
+    frozen.build(x.shape)
+    plain.build(x.shape)
+    frozen.set_weights(weights)
+    plain.set_weights(weights)
+    g, b, m, v = weights
+    expected = (x - m) / np.sqrt(v + backbone.BN_EPSILON) * g + b
+    np.testing.assert_allclose(np.asarray(frozen(x, training=True)), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(plain(x, training=False)), expected, rtol=1e-5, atol=1e-5)
+    assert not frozen.trainable_weights
