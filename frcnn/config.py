@@ -102,6 +102,7 @@ class ModelConfig:
     roi_box_weights: Tuple[float, ...] = (10.0, 10.0, 5.0, 5.0)
     roi_smooth_l1_beta: float = 1.0
     pool_size: int = 14
+    head_pooling: str = "avg"  # after res5: avg (to 1x1, Detectron2's C4) | none (Dense sees the whole map)
     sampling_ratio: int = 2  # RoIAlign samples per bin side; 0: adaptive, ceil(ROI side / pool_size) (Detectron2)
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
@@ -353,6 +354,7 @@ _CHOICES = {
     "model.norm": ("frozen", "batch", "group"),
     "train.optimizer": ("sgd", "adam"),
     "train.strategy": ("default", "mirrored", "multi_worker"),
+    "model.head_pooling": ("avg", "none"),
     "train.mixed_precision": ("off", "mixed_float16", "mixed_bfloat16", "auto"),
     "input.channel_order": ("bgr", "rgb"),
 }

@@ -463,3 +463,20 @@ def save_json(obj, path):
     with atomic_path(os.fspath(path), ".json") as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(_jsonable(obj), f, indent=2, sort_keys=True, allow_nan=False)
+
+
+def agreement(reference, detections, class_names, sizes, reference_min_score=0.5):
+    """How well ``detections`` reproduce ``reference`` detections of the same images (another precision, another
+    implementation): the COCO metrics of ``detections`` scored with the reference's detections of score at least
+    ``reference_min_score`` as ground truth. ``reference`` and ``detections``: one dict per image (``boxes``,
+    ``scores``, ``classes``) in the same order; ``sizes``: ``(height, width)`` per image. AP50 1.0 means every
+    confident reference detection is found, with its class, ranked above the detections that match nothing."""
+    from frcnn.data.records import make_record
+
+    records, dets = [], []
+    for i, (ref, det, (height, width)) in enumerate(zip(reference, detections, sizes)):
+        keep = np.asarray(ref["scores"]) >= reference_min_score
+        records.append(make_record(i, f"image {i}", width, height, np.asarray(ref["boxes"])[keep],
+                                   np.asarray(ref["classes"])[keep]))
+        dets.append({"image_id": i, "boxes": det["boxes"], "scores": det["scores"], "classes": det["classes"]})
+    return evaluate(records, dets, class_names)

@@ -69,7 +69,8 @@ class RPNHead(layers.Layer):
 
 @keras.saving.register_keras_serializable(package="frcnn")
 class ROIHead(layers.Layer):
-    """Per-ROI head: ``TimeDistributed`` res5 -> average pool to 1x1 -> ``TimeDistributed(Flatten)`` -> Dense heads.
+    """Per-ROI head: ``TimeDistributed`` res5 -> average pool to 1x1 (``pooling="avg"``, or none) ->
+    ``TimeDistributed(Flatten)`` -> Dense heads.
 
     Input ``(B, N, P, P, 1024)`` pooled ROI features; outputs ``class_probs (B, N, C)`` (softmax) and
     ``box_deltas (B, N, 4 * (C - 1))`` (class-specific, classes 1..C-1). One set of weights serves every ROI and
@@ -77,12 +78,17 @@ class ROIHead(layers.Layer):
     in training are the exception, which is why ``frozen`` is the default for fine-tuning).
     """
 
-    def __init__(self, num_classes, norm="frozen", **kwargs):
+    def __init__(self, num_classes, norm="frozen", pooling="avg", **kwargs):
         super().__init__(**kwargs)
+        if pooling not in ("avg", "none"):
+            raise ValueError(f"pooling must be 'avg' or 'none', got {pooling!r}")
         self.num_classes = num_classes
         self.norm = norm
+        self.pooling = pooling
         self.res5 = TimeDistributed(build_res5(norm), name="res5")
-        self.pool = TimeDistributed(layers.GlobalAveragePooling2D(keepdims=True), name="avg_pool")
+        # avg: res5's map is averaged to 1x1 (Detectron2's C4 head; its checkpoints expect 2048 inputs). none: the
+        # Dense layers see the whole ceil(P/2) x ceil(P/2) x 2048 map, where the object sits in the ROI included.
+        self.pool = TimeDistributed(layers.GlobalAveragePooling2D(keepdims=True), name="avg_pool") if pooling == "avg" else None
         self.flatten = TimeDistributed(layers.Flatten(), name="flatten")
         # Softmax and the box deltas are float32 under mixed precision: they feed the losses and box decoding.
         self.cls = TimeDistributed(
@@ -98,16 +104,22 @@ class ROIHead(layers.Layer):
 
     def build(self, input_shape):
         self.res5.build(input_shape)
-        feat = tuple(input_shape[:2]) + (1, 1, 2048)
-        self.pool.build(tuple(input_shape[:2]) + (None, None, 2048))
+        if self.pool is not None:
+            self.pool.build(tuple(input_shape[:2]) + (None, None, 2048))
+            side = 1
+        else:
+            side = -(-input_shape[2] // 2)  # res5's first block has stride 2
+        feat = tuple(input_shape[:2]) + (side, side, 2048)
         self.flatten.build(feat)
-        self.cls.build(tuple(input_shape[:2]) + (2048,))
-        self.box.build(tuple(input_shape[:2]) + (2048,))
+        self.cls.build(tuple(input_shape[:2]) + (side * side * 2048,))
+        self.box.build(tuple(input_shape[:2]) + (side * side * 2048,))
 
     def call(self, pooled, training=None):
         x = self.res5(pooled, training=training)
-        x = self.flatten(self.pool(x))
+        if self.pool is not None:
+            x = self.pool(x)
+        x = self.flatten(x)
         return self.cls(x), self.box(x)
 
     def get_config(self):
-        return {**super().get_config(), "num_classes": self.num_classes, "norm": self.norm}
+        return {**super().get_config(), "num_classes": self.num_classes, "norm": self.norm, "pooling": self.pooling}

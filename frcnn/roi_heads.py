@@ -30,7 +30,7 @@ class ROIHeads(keras.layers.Layer):
 
     def __init__(self, num_classes, norm="frozen", pool_size=14, stride=16, sampling_ratio=2, num_rois=128,
                  positive_fraction=0.25, fg_iou=0.5, bg_iou_low=0.0, box_weights=(10.0, 10.0, 5.0, 5.0),
-                 smooth_l1_beta=1.0, detections=None, seed=None, **kwargs):
+                 smooth_l1_beta=1.0, detections=None, seed=None, head_pooling="avg", **kwargs):
         kwargs.pop("autocast", None)
         super().__init__(autocast=False, **kwargs)
         self.num_classes = int(num_classes)
@@ -42,7 +42,7 @@ class ROIHeads(keras.layers.Layer):
         self.smooth_l1_beta = float(smooth_l1_beta)
         self.seed = seed
         self.pooler = RoiPoolingConv(pool_size, stride, sampling_ratio, name="roi_pooling")
-        self.head = ROIHead(self.num_classes, norm, name="roi_head")
+        self.head = ROIHead(self.num_classes, norm, pooling=head_pooling, name="roi_head")
         detections = dict(detections or {})
         detections.setdefault("box_weights", self.box_weights)
         self.decoder = DetectionLayer(self.num_classes, **detections, name="detections")
@@ -56,7 +56,7 @@ class ROIHeads(keras.layers.Layer):
             positive_fraction=m.roi_positive_fraction, fg_iou=m.roi_fg_iou, bg_iou_low=m.roi_bg_iou_low,
             box_weights=m.roi_box_weights, smooth_l1_beta=m.roi_smooth_l1_beta,
             detections=dict(score_thresh=m.score_thresh, nms_thresh=m.nms_thresh, max_detections=m.max_detections),
-            seed=cfg.train.seed + 1, name="roi_heads",
+            seed=cfg.train.seed + 1, head_pooling=m.head_pooling, name="roi_heads",
         )
 
     def call(self, features, proposals, proposal_valid, image_sizes, gt=None, training=None):
@@ -81,5 +81,5 @@ class ROIHeads(keras.layers.Layer):
             "positive_fraction": self.positive_fraction, "fg_iou": self.fg_iou, "bg_iou_low": self.bg_iou_low,
             "box_weights": list(self.box_weights), "smooth_l1_beta": self.smooth_l1_beta,
             "detections": {k: self.decoder.get_config()[k] for k in ("score_thresh", "nms_thresh", "max_detections")},
-            "seed": self.seed,
+            "seed": self.seed, "head_pooling": self.head.pooling,
         }

@@ -17,22 +17,32 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 
-def test_learning_happens_on_a_handful_of_synthetic_images(tmp_path):
-    """Train on 4 synthetic images and evaluate on the same 4: the loss falls a lot and the objects are found."""
-    cfg = load_config("test.yaml", [
-        f"data.root={tmp_path / 'shapes'}", "data.synthetic.num_train=4", "data.synthetic.num_val=1",
-        "data.val_split=train", "input.flip=false",
-        "train.epochs=32", "train.steps_per_epoch=5", "train.batch_size=2", "train.lr=0.001",
-        "train.warmup_steps=5", "train.lr_decay_epochs=[26]", "train.val_every=0", "train.checkpoint_every=0",
-    ])
-    model, result = engine.train(cfg, str(tmp_path / "run"), verbose=0)
+def _event_tags(log_dir):
+    """Tags of the image summaries written under ``log_dir`` (TensorBoard event files)."""
+    import tensorflow as tf
+
+    tags = set()
+    for name in os.listdir(log_dir):
+        for record in tf.data.TFRecordDataset(os.path.join(log_dir, name)):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            tags.update(value.tag for value in event.summary.value)
+    return tags
+
+
+def test_learning_generalises_to_held_out_images(trained_shapes):
+    """A small detector trains within the test budget and finds objects in validation images it never saw (a
+    different split, generated with other seeds): AP50 far above chance, which is about 0 for boxes placed and
+    labelled at random."""
+    cfg, _, result, workdir = trained_shapes
     loss = result["history"]["loss"]
-    assert len(loss) == 32
-    assert loss[-1] < loss[0] / 3, loss  # epoch means: the first one already includes some learning
+    assert loss[-1] < loss[0] * 0.7, loss  # epoch means
     metrics = result["metrics"]
-    assert metrics["num_images"] == 4
-    assert metrics["AP50"] > 0.6, {k: metrics[k] for k in ("AP", "AP50", "voc07_mAP50")}
+    assert metrics["num_images"] == cfg.data.synthetic.num_val
+    assert metrics["AP50"] > 0.15, {k: metrics[k] for k in ("AP", "AP50", "voc07_mAP50")}
     assert os.path.isfile(result["prediction_image"])
+    # Every validation also drew a few validation images with their detections into TensorBoard.
+    tags = _event_tags(os.path.join(workdir, "logs", "images"))
+    assert len([t for t in tags if t.startswith("validation/")]) == 3, tags
 
 
 def _train_args(raccoon_root, workdir):
