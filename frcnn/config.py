@@ -188,7 +188,6 @@ def _coerce(value, tp, key, source):
     """Check ``value`` against the annotation ``tp`` and convert lists to tuples, ints to floats."""
     origin = typing.get_origin(tp)
     if origin is Union:
-        errors = []
         for option in typing.get_args(tp):
             if option is type(None):
                 if value is None:
@@ -196,8 +195,8 @@ def _coerce(value, tp, key, source):
                 continue
             try:
                 return _coerce(value, option, key, source)
-            except ConfigError as err:
-                errors.append(err)
+            except ConfigError:
+                continue  # the next option may fit; the message below names them all
         raise ConfigError(f"{source}: key '{key}' must be {_type_name(tp)}, got {value!r}")
     if origin in (tuple, Tuple):
         if not isinstance(value, (list, tuple)):

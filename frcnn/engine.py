@@ -1,6 +1,7 @@
-"""The jobs the tools run: training with ``fit``, detection over a dataset split, evaluation.
+"""The training job: ``fit`` with checkpoints, resumption and evaluation on the validation split.
 
-``tools/train.py`` and ``tools/evaluate.py`` only parse arguments and call :func:`train` and :func:`evaluate_split`.
+``tools/train.py`` only parses arguments and calls :func:`train`. Evaluation itself (running the model over records,
+the metrics, the files) lives in :mod:`frcnn.evaluation`; :class:`EvaluationCallback` runs it between epochs.
 """
 
 import dataclasses
@@ -13,6 +14,7 @@ import tensorflow as tf
 
 from frcnn import data as data_lib
 from frcnn import evaluation
+from frcnn.evaluation import evaluate_records
 from frcnn import training
 from frcnn.config import save_config
 from frcnn.fileio import remove_stale_temporaries
@@ -20,56 +22,6 @@ from frcnn.model import build_model
 from frcnn.visualize import draw_confident, save_image
 
 log = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------------------ detection, evaluation
-
-
-def detect_records(model, cfg, records, max_images=None, verbose=1):
-    """Run the detector over dataset records: one dict per image with ``image_id`` and original-pixel ``boxes``,
-    ``scores``, ``classes``. Images the pipeline could not decode are missing from the result (and logged)."""
-    records = list(records)[:max_images] if max_images else list(records)
-    if not records:
-        return []
-    dataset = data_lib.build_dataset(cfg, records, training=False, batch_size=cfg.eval.batch_size)
-    progress = keras.utils.Progbar(len(records), verbose=verbose, unit_name="image")
-    detections = []
-    for batch in dataset:
-        out = model.predict_on_batch(batch)  # detections in original pixels (the batch has scales)
-        for j in range(len(out["num_detections"])):
-            n = int(out["num_detections"][j])
-            detections.append({
-                "image_id": int(out["image_ids"][j]),
-                "boxes": np.asarray(out["boxes"][j, :n], np.float32),
-                "scores": np.asarray(out["scores"][j, :n], np.float32),
-                "classes": np.asarray(out["classes"][j, :n], np.int32),
-            })
-        progress.add(len(out["num_detections"]))
-    return detections
-
-
-def evaluate_records(model, cfg, records, class_names, category_ids=None, max_images=None, verbose=1):
-    """COCO-style (pycocotools) and VOC07 metrics of ``model`` on ``records``; returns (metrics, detections).
-
-    An image the pipeline cannot decode stays in the evaluation with no detections: its ground-truth objects count
-    as missed. Leaving it out would raise the score by hiding those objects. Such files are named in a warning and
-    listed in ``metrics["unreadable_images"]``; ``detections`` has an empty entry for each.
-    """
-    records = list(records)[:max_images] if max_images else list(records)
-    detections = detect_records(model, cfg, records, verbose=verbose)
-    seen = {d["image_id"] for d in detections}
-    unreadable = [r for r in records if r.image_id not in seen]
-    if unreadable:
-        objects = sum(int(np.sum(~r.ignore)) for r in unreadable)
-        log.warning("%d of %d images could not be read; their %d ground-truth objects count as missed: %s",
-                    len(unreadable), len(records), objects, ", ".join(r.file_name for r in unreadable))
-        for r in unreadable:
-            detections.append({"image_id": r.image_id, "boxes": np.zeros((0, 4), np.float32),
-                               "scores": np.zeros((0,), np.float32), "classes": np.zeros((0,), np.int32)})
-        detections.sort(key=lambda d: d["image_id"])
-    metrics = evaluation.evaluate(records, detections, class_names, category_ids=category_ids)
-    metrics["unreadable_images"] = [r.file_name for r in unreadable]
-    return metrics, detections
 
 
 class EvaluationCallback(keras.callbacks.Callback):
@@ -139,20 +91,6 @@ def _log_data(name, records, class_names, report):
     print(f"{name}:\n{text}")
 
 
-def _no_targets(records, use_difficult, purpose):
-    """What is wrong when ``records`` hold no box to ``purpose`` (crowd and difficult boxes do not count unless
-    ``use_difficult``), else None. Without it a run trains on background alone, exits 0 and prints AP -1."""
-    usable = sum(int(np.sum(r.train_mask(use_difficult))) for r in records)
-    if usable:
-        return None
-    ignored = sum(int(np.sum(r.ignore)) for r in records)
-    if ignored:
-        return (f"has {len(records)} images but no box to {purpose}: all {ignored} boxes are crowd (COCO iscrowd) "
-                "or difficult (VOC) regions, which are only ignored" + (
-                    "; set data.use_difficult=true to train on difficult boxes" if purpose == "train on" else ""))
-    return f"has {len(records)} images but no object boxes at all (check the annotations and data.classes)"
-
-
 def train(cfg, workdir, verbose=1):
     """Train the detector described by ``cfg`` in ``workdir`` (resuming from its last checkpoint if there is one).
 
@@ -182,14 +120,14 @@ def _train(cfg, workdir, strategy, chief, verbose):
     _log_data(f"training split '{cfg.data.train_split}'", train_records, class_names, train_report)
     if not train_records:
         raise training.TrainingError(f"the training split '{cfg.data.train_split}' has no usable images")
-    problem = _no_targets(train_records, cfg.data.use_difficult, "train on")
+    problem = data_lib.missing_targets(train_records, cfg.data.use_difficult, "train on")
     if problem:
         raise training.TrainingError(f"the training split '{cfg.data.train_split}' {problem}")
     val_records, val_report = None, None
     if cfg.data.val_split:
         val_records, _, val_report = data_lib.load_records(cfg, cfg.data.val_split)
         _log_data(f"validation split '{cfg.data.val_split}'", val_records, class_names, val_report)
-        problem = _no_targets(val_records, False, "evaluate against")
+        problem = data_lib.missing_targets(val_records, False, "evaluate against")
         if problem:
             log.warning("the validation split '%s' %s: its metrics will be undefined (-1)", cfg.data.val_split,
                         problem)
@@ -289,6 +227,3 @@ def _annotate_example(model, records, workdir):
         return save_image(os.path.join(workdir, "prediction.jpg"), drawn)
     return None
 
-
-def print_metrics(metrics, class_names):
-    print(evaluation.format_report(metrics, class_names))

@@ -104,15 +104,15 @@ class ROIHead(layers.Layer):
 
     def build(self, input_shape):
         self.res5.build(input_shape)
+        res5_shape = self.res5.compute_output_shape(input_shape)  # (B, N, P', P', 2048)
         if self.pool is not None:
-            self.pool.build(tuple(input_shape[:2]) + (None, None, 2048))
-            side = 1
+            self.pool.build(res5_shape)
+            pooled = tuple(res5_shape[:-3]) + (1, 1, res5_shape[-1])
         else:
-            side = -(-input_shape[2] // 2)  # res5's first block has stride 2
-        feat = tuple(input_shape[:2]) + (side, side, 2048)
-        self.flatten.build(feat)
-        self.cls.build(tuple(input_shape[:2]) + (side * side * 2048,))
-        self.box.build(tuple(input_shape[:2]) + (side * side * 2048,))
+            pooled = tuple(res5_shape)
+        self.flatten.build(pooled)
+        self.cls.build(self.flatten.compute_output_shape(pooled))
+        self.box.build(self.flatten.compute_output_shape(pooled))
 
     def call(self, pooled, training=None):
         x = self.res5(pooled, training=training)

@@ -1,138 +1,24 @@
-"""Inference with a trained detector on image files: what ``tools/infer.py`` (and ``tools/export.py``) run.
+"""Inference over image files with a loaded detector (:mod:`frcnn.loading`): what ``tools/infer.py`` runs.
 
-- :func:`find_config` / :func:`load_trained_model`: a training work directory holds ``config.yaml`` (the resolved
-  config, with ``data.classes``) and ``checkpoints/{last,best}.weights.h5``; given the weights file, the config is
-  found beside it, the model is built without backbone weights and the checkpoint loaded. Every problem (no config,
-  a missing, empty, truncated or non-HDF5 file, a checkpoint for other classes) is a :class:`TrainingError` or
-  :class:`ConfigError` naming the file, raised before or instead of a Keras traceback.
 - :func:`expand_inputs`: files, folders (their ``.jpg .jpeg .png .bmp`` files, sorted) and glob patterns -> paths.
 - :func:`detect_files`: batches of images through :meth:`FasterRCNN.detect`, one bad file never stops the others:
   each is reported (``on_error``) with the reason and skipped.
-- :func:`save_detections`, :func:`format_table`: the ``detections.json`` file and the printed summary.
-
-Checkpoints written by training also hold the optimizer's variables. They load into the uncompiled inference
-model as they are: Keras' ``load_weights`` walks the model's own attributes, and a model without an optimizer has
-nothing to visit under ``optimizer/``, so those variables are skipped silently (no warning, no extra memory).
+- :func:`check_output_dir`, :func:`save_detections`: the output folder, checked before any work, and the
+  ``detections.json`` file. The printed table is :func:`frcnn.report.format_table`.
 """
 
 import dataclasses
 import glob
-import logging
 import os
-import zipfile
 
 import numpy as np
 
-from frcnn import training
-from frcnn.config import ConfigError, load_config
-from frcnn.training import TrainingError
+from frcnn.data import DataError, load_image
+from frcnn.evaluation import save_json
+from frcnn.visualize import draw_detections, save_image
 
-log = logging.getLogger(__name__)
-
-CONFIG_NAME = "config.yaml"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 _GLOB_CHARS = "*?["
-
-
-# -------------------------------------------------------------------------------------------- loading a model
-
-
-def find_config(weights):
-    """The ``config.yaml`` of the run that wrote ``weights``: beside it, or in its parent folder (weights live in
-    ``<workdir>/checkpoints/``). Raises :class:`ConfigError` naming the places looked at."""
-    directory = os.path.dirname(os.path.abspath(weights))
-    candidates = [os.path.join(directory, CONFIG_NAME), os.path.join(os.path.dirname(directory), CONFIG_NAME)]
-    for path in candidates:
-        if os.path.isfile(path):
-            return path
-    raise ConfigError(
-        f"no {CONFIG_NAME} found for the weights '{weights}' (looked in: {', '.join(candidates)}); "
-        "pass the training run's config with --config"
-    )
-
-
-def check_weights_file(path):
-    """Fail fast, naming the file, when ``path`` cannot be a Keras checkpoint (``.weights.h5``, or a ``.keras``
-    model file): missing, a folder, empty, or not a complete HDF5 file (e.g. cut short by a full disk). Cheap:
-    HDF5 checks the file's size against its header without reading the weights."""
-    import h5py  # a Keras dependency
-
-    if not os.path.exists(path):
-        raise TrainingError(f"checkpoint '{path}' does not exist")
-    if not os.path.isfile(path):
-        raise TrainingError(f"checkpoint '{path}' is not a file")
-    if os.path.getsize(path) == 0:
-        raise TrainingError(f"checkpoint '{path}' is empty (0 bytes)")
-    if str(path).endswith(".keras"):  # a whole-model archive (model.save): load_weights reads its weights
-        if not zipfile.is_zipfile(path):
-            raise TrainingError(f"checkpoint '{path}' is not a readable .keras archive; is it complete?")
-        return
-    if not str(path).endswith(".weights.h5"):
-        raise TrainingError(f"checkpoint '{path}': expected a Keras weights file whose name ends in .weights.h5 "
-                            "(or a .keras model file)")
-    try:
-        with h5py.File(path, "r"):
-            pass
-    except OSError as err:  # h5py reports a truncated file ("truncated file: eof = ...") or a non-HDF5 file
-        raise TrainingError(f"checkpoint '{path}' is not a readable HDF5 weights file ({err}); is it complete?") \
-            from None
-
-
-def _saved_classes(weights):
-    """``data.classes`` of the config saved with ``weights`` (None when there is no readable one)."""
-    try:
-        return load_config(find_config(weights)).data.classes
-    except ConfigError:
-        return None
-
-
-def load_trained_model(weights, config=None, overrides=(), score_thresh=None):
-    """Build the detector a training run describes and load its checkpoint: ``(model, cfg, config_path)``.
-
-    ``config``: a config name or path; default :func:`find_config` (the run's resolved ``config.yaml``).
-    ``overrides``: ``key=value`` strings applied on top (e.g. ``model.max_detections=50``). ``score_thresh``: the
-    lowest score the caller wants; ``model.score_thresh`` is lowered to it when higher (this only adds
-    detections below the old threshold: the others, their NMS and their order are unchanged).
-
-    The backbone is not initialised from ImageNet (the checkpoint replaces every weight). Raises
-    :class:`ConfigError` or :class:`TrainingError` naming the file on any problem.
-
-    ``weights`` may also be ``detectron2:<zoo name>`` or a Detectron2 ``.pkl`` file: see
-    :func:`frcnn.pretrained.load_pretrained_model` (the config then defaults to ``configs/detectron2_*.yaml``).
-    """
-    from frcnn import pretrained
-    from frcnn.data import DataError, resolve_classes
-    from frcnn.model import build_model
-
-    weights = os.fspath(weights)
-    if pretrained.is_detectron2_spec(weights):  # detectron2:<zoo name> or a Detectron2 .pkl: converted on load
-        return pretrained.load_pretrained_model(weights, config, overrides, score_thresh)
-    check_weights_file(weights)
-    config_path = config or find_config(weights)
-    cfg = load_config(config_path, overrides)
-    if cfg.data.classes is None:
-        try:
-            cfg = resolve_classes(cfg)
-        except DataError as err:
-            raise ConfigError(
-                f"{config_path}: data.classes is not set and cannot be read from the data ({err}); use the "
-                f"{CONFIG_NAME} saved in the training run's work directory"
-            ) from None
-    saved = _saved_classes(weights) if config else None
-    if saved is not None and len(saved) != len(cfg.data.classes):
-        raise TrainingError(
-            f"checkpoint '{weights}' was trained with {len(saved)} classes ({', '.join(saved)}) according to the "
-            f"{CONFIG_NAME} beside it, but {config_path} lists {len(cfg.data.classes)} "
-            f"({', '.join(cfg.data.classes)})"
-        )
-    if saved is not None and tuple(saved) != tuple(cfg.data.classes):
-        log.warning("%s names the classes %s, the config saved with %s names them %s; the names of %s are used",
-                    config_path, list(cfg.data.classes), weights, list(saved), config_path)
-    if score_thresh is not None and score_thresh < cfg.model.score_thresh:
-        cfg = cfg.replace(model=dataclasses.replace(cfg.model, score_thresh=float(score_thresh)))
-    model = build_model(cfg, load_weights=False)
-    training.load_checkpoint(model, weights)
-    return model, cfg, os.path.abspath(config_path)
 
 
 # ------------------------------------------------------------------------------------------------ input files
@@ -235,8 +121,6 @@ class ImageDetections:
 
 def _read(path):
     """``(image, None)`` or ``(None, message)``; the message names the file."""
-    from frcnn.data import DataError, load_image
-
     try:
         image = load_image(path)
     except DataError as err:
@@ -287,8 +171,6 @@ def detect_files(model, paths, batch_size=None, score_thresh=0.0, out_dir=None, 
     ``_2``, ``_3``... on a name clash). ``failures``: ``(path, message)`` pairs. ``on_result(result)`` is called
     as each image is done.
     """
-    from frcnn.visualize import draw_detections, save_image
-
     batch_size = batch_size or model.cfg.eval.batch_size
     results, failures, used = [], [], set()
 
@@ -345,39 +227,8 @@ def save_detections(path, results, failures=(), **meta):
     """Write ``detections.json``: ``meta`` (weights, config, score threshold, classes...), ``images`` (one entry per
     processed image: file, width, height, boxes ``[x1, y1, x2, y2]`` in original pixels, scores, class names and
     ids, annotated output) and ``failed`` (file and reason). Atomic; strict JSON."""
-    from frcnn.evaluation import save_json
-
     doc = dict(meta)
     doc["images"] = [r.to_json() for r in results]
     doc["failed"] = [{"file": p, "error": m} for p, m in failures]
     save_json(doc, path)
     return path
-
-
-def top_classes(result, k=3):
-    """``'circle x2 (0.91), square (0.40)'``: the ``k`` most frequent classes with their best score."""
-    stats = {}
-    for name, score in zip(result.class_names, result.scores):
-        count, best = stats.get(name, (0, 0.0))
-        stats[name] = (count + 1, max(best, float(score)))
-    ranked = sorted(stats.items(), key=lambda item: (-item[1][0], -item[1][1], item[0]))
-    parts = [f"{name}{f' x{count}' if count > 1 else ''} ({best:.2f})" for name, (count, best) in ranked[:k]]
-    if len(ranked) > k:
-        parts.append(f"+{len(ranked) - k} more")
-    return ", ".join(parts)
-
-
-def format_table(results):
-    """One line per image: file, number of detections, top classes."""
-    if not results:
-        return "no image processed"
-    files = [r.file for r in results]
-    width = min(max(len("file"), *(len(f) for f in files)), 60)
-
-    def short(name):
-        return name if len(name) <= width else "..." + name[-(width - 3):]
-
-    lines = [f"{'file':<{width}}  {'#det':>5}  top classes", "-" * (width + 20)]
-    for r in results:
-        lines.append(f"{short(r.file):<{width}}  {len(r.scores):>5}  {top_classes(r) or '-'}")
-    return "\n".join(lines)

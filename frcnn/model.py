@@ -21,10 +21,11 @@ import keras
 import numpy as np
 from keras import ops
 
-from frcnn import transform
+from frcnn import pretrained, transform
 from frcnn.backbone import build_trunk, fold_frozen_batchnorm, load_backbone_weights
-from frcnn.config import Config, config_from_dict
+from frcnn.config import Config, ConfigError, config_from_dict
 from frcnn.precision import resolve_policy
+from frcnn.replicas import multi_worker, num_replicas, replicas_of
 from frcnn.roi_heads import ROIHeads
 from frcnn.rpn import RPN
 
@@ -35,15 +36,6 @@ GT_KEYS = ("gt_boxes", "gt_classes", "gt_valid")
 def _batch_dict(data):
     """The batch dict, also when Keras hands it over as ``(x, y, sample_weight)`` (``train_on_batch``)."""
     return data[0] if isinstance(data, (tuple, list)) else data
-
-
-def _replicas():
-    """Replicas of the current ``tf.distribute`` strategy (1 on other backends)."""
-    if keras.backend.backend() != "tensorflow":
-        return 1
-    import tensorflow as tf
-
-    return tf.distribute.get_strategy().num_replicas_in_sync
 
 
 @keras.saving.register_keras_serializable(package="frcnn")
@@ -107,13 +99,13 @@ class FasterRCNN(keras.Model):
         total = total + m.roi_loss_weight * (y_pred["roi_cls"] + y_pred["roi_box"])
         for extra in self.losses:  # regularisation terms added by layers, if any
             total = total + ops.cast(ops.sum(extra), "float32")
-        return total / _replicas()
+        return total / num_replicas()
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         for name in LOSS_NAMES:
             self.loss_trackers[name].update_state(y_pred[name])
         logs = {metric.name: metric.result() for metric in self.metrics}
-        if keras.backend.backend() == "tensorflow" and _multi_worker():
+        if multi_worker():
             # Keras 3 averages each logged value over the workers with strategy.reduce("MEAN", value, axis=0),
             # which fails on a scalar (tensorflow/tensorflow#72388): hand it 1-element vectors (it returns scalars).
             logs = {name: ops.reshape(value, (1,)) for name, value in logs.items()}
@@ -146,7 +138,7 @@ class FasterRCNN(keras.Model):
         alone. Evaluation therefore uses one device; ``eval.batch_size`` images per call.
         """
         x = {key: value for key, value in _batch_dict(x).items() if key not in GT_KEYS}  # detections, not losses
-        if _replicas_of(self) == 1:
+        if replicas_of(self) == 1:
             return super().predict_on_batch(x)
         import tensorflow as tf
 
@@ -231,38 +223,23 @@ class FasterRCNN(keras.Model):
 def build_model(cfg, load_weights=True):
     """The one factory that reads the config: a built :class:`FasterRCNN` with its backbone weights loaded.
 
-    ``cfg.data.classes`` must be set (``frcnn.data.resolve_classes`` reads it from the data). With
+    ``cfg.data.classes`` must be set: ``frcnn.data.resolve_classes`` reads it from the data, and the package's
+    ``frcnn.build_model`` does that first (the model does not import the data pipeline). With
     ``load_weights=False`` the backbone keeps its random initialisation (used when a full checkpoint follows).
     """
     if cfg.data.classes is None:
-        from frcnn.data import resolve_classes  # the data readers know where the class list lives
-
-        cfg = resolve_classes(cfg)
+        raise ConfigError("data.classes is not set; frcnn.build_model (or frcnn.data.resolve_classes) reads it "
+                          "from the data")
     keras.mixed_precision.set_global_policy(resolve_policy(cfg.train.mixed_precision))
     model = FasterRCNN(cfg, name="faster_rcnn")
     model.build_for_inference()
     if load_weights:
         weights = cfg.model.backbone_weights
-        from frcnn import pretrained  # weights from elsewhere; it imports this module
-
         if pretrained.is_detectron2_spec(weights):
             pretrained.load_initial_weights(model, weights)  # R-50.pkl or a zoo detector's trunk, RPN and res5
         else:
             load_backbone_weights(weights, model.trunk, model.roi_heads.head.res5.layer)
     return model
-
-
-def _replicas_of(model):
-    strategy = getattr(model, "distribute_strategy", None)
-    return strategy.num_replicas_in_sync if strategy is not None else 1
-
-
-def _multi_worker():
-    import tensorflow as tf
-
-    from frcnn.training import num_workers
-
-    return num_workers(tf.distribute.get_strategy()) > 1
 
 
 # Checkpoints written before the RPN and ROI parts existed: old variable path prefix -> new one.

@@ -43,8 +43,9 @@ load. A path to a local ``.pkl`` works the same way offline.
 
 Public API: :func:`is_detectron2_spec`, :func:`zoo_entry`, :func:`resolve`, :func:`read_checkpoint`,
 :func:`load_detector_weights` (a whole detector), :func:`load_initial_weights` (trunk + res5, and the RPN from a
-detection checkpoint: training initialisation), :func:`build_model` (``frcnn.build_model`` that also understands these
-specs in ``model.backbone_weights``), :func:`default_config` and :func:`load_pretrained_model` (what the tools call).
+detection checkpoint: training initialisation; ``frcnn.build_model`` calls it for these specs in
+``model.backbone_weights``) and :func:`default_config`. A whole Detectron2 detector ready to use (what the tools call)
+comes from :func:`frcnn.loading.load_pretrained_model`.
 """
 
 import dataclasses
@@ -56,7 +57,7 @@ import re
 
 import numpy as np
 
-from frcnn.training import TrainingError
+from frcnn.errors import TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -679,25 +680,3 @@ def default_config(spec, checkpoint=None):
     raise PretrainedError(f"cannot tell which config fits '{spec}'; pass --config (e.g. "
                           f"{ZOO['COCO-Detection/faster_rcnn_R_50_C4_3x'].config} with data.classes set to the "
                           "checkpoint's classes in its order)")
-
-
-def load_pretrained_model(weights, config=None, overrides=(), score_thresh=None, cache_dir=None):
-    """``(model, cfg, config_path)`` for a Detectron2 detector: what ``tools/infer.py``, ``evaluate.py`` and
-    ``export.py`` get from ``--weights detectron2:<name>`` or ``--weights model_final_*.pkl``.
-
-    The config defaults to :func:`default_config`; ``overrides`` and ``score_thresh`` as in
-    :func:`frcnn.inference.load_trained_model`.
-    """
-    from frcnn.config import ConfigError, load_config, resolve_config_path
-    from frcnn.model import build_model as build
-
-    ckpt = read_checkpoint(resolve(weights, cache_dir))
-    config_path = resolve_config_path(config or default_config(weights, ckpt))
-    cfg = load_config(config_path, overrides)
-    if cfg.data.classes is None:
-        raise ConfigError(f"{config_path}: data.classes must list the checkpoint's classes in Detectron2's order")
-    if score_thresh is not None and score_thresh < cfg.model.score_thresh:
-        cfg = cfg.replace(model=dataclasses.replace(cfg.model, score_thresh=float(score_thresh)))
-    model = build(cfg, load_weights=False)
-    load_detector_weights(model, ckpt)
-    return model, cfg, os.path.abspath(config_path)

@@ -30,17 +30,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from frcnn.errors import TrainingError
 from frcnn.fileio import DirectoryLocked, atomic_path, lock_directory
+from frcnn.replicas import num_workers
 
 log = logging.getLogger(__name__)
 
 LAST_WEIGHTS = "last.weights.h5"
 BEST_WEIGHTS = "best.weights.h5"
 STATE_FILE = "state.json"
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (a NaN loss, a checkpoint that does not fit the model); the message says why."""
 
 
 def check_trainable(cfg):
@@ -122,15 +120,6 @@ def is_chief(strategy=None):
         return True
     has_chief = "chief" in resolver.cluster_spec().as_dict()
     return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
-
-
-def num_workers(strategy):
-    """How many processes (machines) take part in ``strategy`` (1 outside multi-worker training)."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.task_type:
-        return 1
-    cluster = resolver.cluster_spec().as_dict()
-    return sum(len(cluster.get(job, ())) for job in ("chief", "worker"))
 
 
 def check_workers_agree(strategy, values, what):

@@ -14,6 +14,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from frcnn import evaluation as ev
+from frcnn.report import format_report
 
 CLASS_NAMES = ("cat", "dog")
 
@@ -263,7 +264,7 @@ def test_num_detections_truncates_padding():
 def test_format_report_and_save_json(tmp_path):
     records, detections = synthetic_pair()
     m = ev.evaluate(records, detections, CLASS_NAMES)
-    report = ev.format_report(m, CLASS_NAMES)
+    report = format_report(m, CLASS_NAMES)
     assert "cat" in report and "dog" in report and "AP50" in report and "VOC07" in report
 
     m["nan_value"] = float("nan")

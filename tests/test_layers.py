@@ -10,6 +10,7 @@ from frcnn import boxes as box_ops
 from frcnn.layers import DetectionLayer, ProposalLayer, RoiPoolingConv
 
 import reference as ref
+from layer_testing import run_layer_test
 
 
 def _sorted_boxes(rng, n, x_range, y_range):
@@ -89,29 +90,14 @@ def test_roi_pooling_symbolic_shapes():
     assert tuple(dynamic.shape) == (None, None, 7, 7, 32)
 
 
-def test_roi_pooling_config_and_serialization():
-    layer = RoiPoolingConv(pool_size=7, stride=8, sampling_ratio=3, name="pool")
+def test_roi_pooling_layer_contract(tmp_path):
+    """Shapes, config round trip, save and load, mixed precision (tests/layer_testing.py); no weights to train."""
+    features = np.random.default_rng(6).normal(size=(1, 5, 6, 3)).astype(np.float32)
+    rois = np.array([[[1, 2, 30, 25], [-3, 0, 8, 30]]], np.float32)
+    layer = run_layer_test(RoiPoolingConv, dict(pool_size=7, stride=8, sampling_ratio=3, name="pool"),
+                           [features, rois], [(1, 2, 7, 7, 3)], tmp_path, list_input=True, expect_weights=False)
     clone = layer.__class__.from_config(layer.get_config())
     assert (clone.pool_size, clone.stride, clone.sampling_ratio, clone.name) == (7, 8, 3, "pool")
-    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
-    assert isinstance(restored, RoiPoolingConv)
-    assert restored.get_config() == layer.get_config()
-    features = tf.random.normal([1, 5, 6, 3])
-    rois = tf.constant([[[1, 2, 30, 25]]], tf.float32)
-    np.testing.assert_array_equal(layer([features, rois]).numpy(), restored([features, rois]).numpy())
-
-
-def test_roi_pooling_saved_model_round_trip(tmp_path):
-    features_in = keras.Input(shape=(None, None, 3))
-    rois_in = keras.Input(shape=(None, 4))
-    model = keras.Model([features_in, rois_in], RoiPoolingConv(pool_size=2, stride=4)([features_in, rois_in]))
-    path = str(tmp_path / "pool.keras")
-    model.save(path)
-    loaded = keras.saving.load_model(path)
-    assert isinstance(loaded.layers[-1], RoiPoolingConv) and loaded.layers[-1].stride == 4
-    features = np.random.default_rng(6).normal(size=(1, 5, 6, 3)).astype(np.float32)
-    rois = np.array([[[1, 2, 17, 13], [-3, 0, 8, 30]]], np.float32)
-    np.testing.assert_array_equal(loaded([features, rois]).numpy(), model([features, rois]).numpy())
 
 
 @pytest.mark.parametrize(
@@ -299,13 +285,16 @@ def test_proposal_layer_static_r_and_symbolic_and_dynamic():
     np.testing.assert_array_equal(graph_out[1].numpy(), eager_out[1].numpy())
 
 
-def test_proposal_layer_config_and_serialization():
-    layer = ProposalLayer(2000, 512, 1000, 300, nms_thresh=0.6, min_size=2.0, box_weights=(1, 1, 2, 2), name="prop")
+def test_proposal_layer_contract(tmp_path):
+    """Shapes, config round trip, save and load, mixed precision: proposals stay float32 by design."""
+    logits, deltas, anchors = _rpn_inputs(3, feature_hw=(3, 4))
+    init = dict(pre_nms_topk_train=2000, post_nms_topk_train=512, pre_nms_topk_test=60, post_nms_topk_test=20,
+                nms_thresh=0.6, min_size=2.0, box_weights=(1, 1, 2, 2), name="prop")
+    layer = run_layer_test(ProposalLayer, init, [logits, deltas, anchors, _IMAGE_SIZES], [(2, 20, 4), (2, 20)],
+                           tmp_path, list_input=True, float32_outputs=(0,), expect_weights=False)
     clone = ProposalLayer.from_config(layer.get_config())
     assert clone.get_config() == layer.get_config()
     assert clone.box_weights == (1.0, 1.0, 2.0, 2.0)
-    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
-    assert isinstance(restored, ProposalLayer) and restored.get_config() == layer.get_config()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -381,8 +370,14 @@ def test_detection_layer_invalid_proposals_never_detected():
         assert np.all(out[key].numpy() == 0)
 
 
-def test_detection_layer_symbolic_and_serialization():
-    layer = DetectionLayer(5, score_thresh=0.1, nms_thresh=0.4, max_detections=7, box_weights=(10, 10, 5, 5))
+def test_detection_layer_contract(tmp_path):
+    """Shapes (eager and symbolic), config round trip, save and load, mixed precision: boxes and scores float32."""
+    probs, deltas, proposals, valid = _detection_inputs(4, num_proposals=12, num_classes=5, num_invalid=2)
+    init = dict(num_classes=5, score_thresh=0.1, nms_thresh=0.4, max_detections=7, box_weights=(10, 10, 5, 5))
+    # Flat outputs in key order: boxes, classes, num_detections, scores.
+    layer = run_layer_test(DetectionLayer, init, [probs, deltas, proposals, valid, _IMAGE_SIZES],
+                           [(2, 7, 4), (2, 7), (2,), (2, 7)], tmp_path, list_input=True, float32_outputs=(0, 3),
+                           expect_weights=False)
     out = layer(
         [
             keras.Input(shape=(None, 5)),
@@ -397,8 +392,6 @@ def test_detection_layer_symbolic_and_serialization():
     assert tuple(out["num_detections"].shape) == (None,)
     clone = DetectionLayer.from_config(layer.get_config())
     assert clone.get_config() == layer.get_config()
-    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
-    assert isinstance(restored, DetectionLayer) and restored.get_config() == layer.get_config()
     assert layer.supports_jit is True  # keras.ops NMS: XLA compiles it
     with pytest.raises(ValueError):
         DetectionLayer(1)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import frcnn
-from frcnn import pretrained
+from frcnn import loading, pretrained
 from frcnn.config import load_config
 
 D2_EPS = 1e-5
@@ -450,7 +450,7 @@ def test_sha256_recorded_on_arrival_and_a_modified_cache_is_caught(d2_file, tmp_
     with pytest.raises(pretrained.PretrainedError, match=r"SHA-256.*modified, truncated or replaced"):
         pretrained.resolve(spec, cache_dir=str(tmp_path))
     with pytest.raises(pretrained.PretrainedError, match="SHA-256"):  # the tools' path refuses it too
-        pretrained.load_pretrained_model(spec, "test.yaml", [CLASSES], cache_dir=str(tmp_path))
+        loading.load_pretrained_model(spec, "test.yaml", [CLASSES], cache_dir=str(tmp_path))
 
 
 def test_a_cached_file_without_record_is_recorded_with_a_warning(d2_file, tmp_path, monkeypatch, caplog):

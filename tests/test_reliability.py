@@ -385,7 +385,7 @@ class _Oracle:
 def test_evaluation_counts_the_objects_of_an_unreadable_image_as_missed(tmp_path, caplog):
     import logging
 
-    from frcnn import data, engine
+    from frcnn import data, evaluation
 
     sys_path_tests()
     from test_data import make_cfg
@@ -393,8 +393,8 @@ def test_evaluation_counts_the_objects_of_an_unreadable_image_as_missed(tmp_path
     root = _voc_with_corrupt_png(tmp_path)
     cfg = make_cfg(root, data_extra={"classes": ["dog"]})
     records, names, _ = data.load_records(cfg, "train")
-    with caplog.at_level(logging.WARNING, logger="frcnn.engine"):
-        metrics, detections = engine.evaluate_records(_Oracle(), cfg, records, names, verbose=0)
+    with caplog.at_level(logging.WARNING, logger="frcnn.evaluation.runner"):
+        metrics, detections = evaluation.evaluate_records(_Oracle(), cfg, records, names, verbose=0)
     assert metrics["unreadable_images"] == [records[1].file_name]
     assert any("b.jpg" in r.getMessage() and "count as missed" in r.getMessage() for r in caplog.records)
     assert metrics["num_images"] == 3 and [d["image_id"] for d in detections] == [0, 1, 2]

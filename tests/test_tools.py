@@ -26,7 +26,7 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from frcnn import inference
+from frcnn import inference, loading
 from frcnn.config import ConfigError, load_config, save_config
 from frcnn.data import load_image
 from frcnn.evaluation import COCO_STAT_NAMES
@@ -63,7 +63,7 @@ def run(tmp_path_factory):
 
 @pytest.fixture
 def loader(run, monkeypatch):
-    """``inference.load_trained_model`` returning the reference model (the tools call it through the module)."""
+    """``loading.load_trained_model`` returning the reference model (the tools call it through the module)."""
     calls = []
 
     def load(weights, config=None, overrides=(), score_thresh=None):
@@ -71,7 +71,7 @@ def loader(run, monkeypatch):
         calls.append({"config": config, "overrides": list(overrides), "score_thresh": score_thresh})
         return run.model, run.cfg, run.config_path
 
-    monkeypatch.setattr(inference, "load_trained_model", load)
+    monkeypatch.setattr(loading, "load_trained_model", load)
     return calls
 
 
@@ -137,11 +137,11 @@ def test_find_config(tmp_path):
     ckpt.mkdir(parents=True)
     weights = str(ckpt / "best.weights.h5")
     with pytest.raises(ConfigError, match="--config"):
-        inference.find_config(weights)
+        loading.find_config(weights)
     (tmp_path / "run" / "config.yaml").write_text("{}")
-    assert inference.find_config(weights) == str(tmp_path / "run" / "config.yaml")
+    assert loading.find_config(weights) == str(tmp_path / "run" / "config.yaml")
     (ckpt / "config.yaml").write_text("{}")
-    assert inference.find_config(weights) == str(ckpt / "config.yaml")
+    assert loading.find_config(weights) == str(ckpt / "config.yaml")
 
 
 def test_infer_writes_images_and_json(run, tmp_path, capsys):

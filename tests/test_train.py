@@ -7,9 +7,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-import pytest
-
 from frcnn import engine
 from frcnn.config import load_config
 

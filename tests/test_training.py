@@ -51,11 +51,14 @@ def test_optimizer_from_config_scales_lr_and_skips_decay_of_norms():
     assert training.learning_rate(cfg) == pytest.approx(0.005)
     opt = training.make_optimizer(cfg, steps_per_epoch=100)
     assert isinstance(opt, keras.optimizers.SGD)
-    bias = keras.Variable(np.zeros(3), name="bias")
-    kernel = keras.Variable(np.zeros(3), name="kernel")
-    gamma = keras.Variable(np.zeros(3), name="gamma")
+    # float64: the first warmup step decays by lr * weight_decay = 5e-10, below float32's resolution at 1.0.
+    bias = keras.Variable(np.ones(3), name="bias", dtype="float64")
+    kernel = keras.Variable(np.ones(3), name="kernel", dtype="float64")
+    gamma = keras.Variable(np.ones(3), name="gamma", dtype="float64")
     opt.build([bias, kernel, gamma])
-    assert opt._use_weight_decay(kernel) and not opt._use_weight_decay(bias) and not opt._use_weight_decay(gamma)
+    opt.apply_gradients([(np.zeros(3), v) for v in (bias, kernel, gamma)])  # a zero gradient: only decay moves them
+    decayed = {v.name: bool(np.all(v.numpy() < 1.0)) for v in (bias, kernel, gamma)}
+    assert decayed["kernel"] and not decayed["bias"] and not decayed["gamma"]
 
 
 def test_checkpoints_are_written_atomically_with_state(tmp_path):

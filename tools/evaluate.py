@@ -15,24 +15,24 @@ truth as evaluated, COCO format) so the detections can be scored again. The conf
 config.yaml beside the weights, the split to data.val_split. Exit code 0 on success, 2 on an error.
 """
 
-import argparse
-import logging
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # see frcnn/cli.py
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from frcnn import cli  # noqa: E402
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", help="checkpoint to evaluate, e.g. runs/voc/checkpoints/best.weights.h5, a "
-                                          "Detectron2 model_final_*.pkl or detectron2:<zoo name> (see README)")
-    parser.add_argument("--config", help="config name or path (default: the config.yaml saved with the weights)")
+    parser = cli.make_parser(__doc__)
+    cli.add_weights(parser, required=False, help_text="checkpoint to evaluate, e.g. "
+                    "runs/voc/checkpoints/best.weights.h5, a Detectron2 model_final_*.pkl or detectron2:<zoo name> "
+                    "(see README)")
+    cli.add_config(parser)
     parser.add_argument("--split", help="dataset split (default: data.val_split of the config)")
     parser.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set data.root=/data/VOC2007 (repeatable)")
+    cli.add_overrides(parser, "data.root=/data/VOC2007")
     parser.add_argument("--results", help="a COCO results JSON to score (with --annotations, no model)")
     parser.add_argument("--annotations", help="the COCO annotation JSON to score --results against")
     parser.add_argument("--out", default=os.path.join("runs", "evaluate"),
@@ -54,39 +54,34 @@ def parse_args(argv):
 
 
 def _score_file(args):
-    from frcnn import eval_files, evaluation
+    from frcnn import evaluation
+    from frcnn.report import format_report
 
     try:
-        metrics, class_names = eval_files.score_results_file(args.results, args.annotations)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        metrics, class_names = evaluation.score_results_file(args.results, args.annotations)
+    except ValueError as err:  # an unreadable or malformed file, named in the message
+        return cli.error(err)
     metrics["results_file"] = os.path.abspath(args.results)
     metrics["annotation_file"] = os.path.abspath(args.annotations)
     path = os.path.join(args.out, "metrics.json")
     evaluation.save_json(metrics, path)
-    print(evaluation.format_report(metrics, class_names))
+    print(format_report(metrics, class_names))
     print(f"metrics: {path}")
     return 0
 
 
 def _evaluate_model(args):
-    from frcnn import eval_files, evaluation, inference
+    from frcnn import evaluation, loading
     from frcnn.config import ConfigError
-    from frcnn.data import DataError
-    from frcnn.training import TrainingError
+    from frcnn.report import format_report
 
-    try:
-        model, cfg, _ = inference.load_trained_model(args.weights, args.config, args.overrides)
-        split = args.split or cfg.data.val_split
-        if not split:
-            raise ConfigError("data.val_split is not set in the config; name the split with --split")
-        metrics, files = eval_files.evaluate_split(model, cfg, split, args.out, args.max_images,
+    model, cfg, _ = loading.load_trained_model(args.weights, args.config, args.overrides)
+    split = args.split or cfg.data.val_split
+    if not split:
+        raise ConfigError("data.val_split is not set in the config; name the split with --split")
+    metrics, files = evaluation.evaluate_split(model, cfg, split, args.out, args.max_images,
                                                verbose=0 if args.quiet else 1)
-    except (ConfigError, DataError, TrainingError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(evaluation.format_report(metrics, model.class_names[1:]))
+    print(format_report(metrics, model.class_names[1:]))
     print(f"split '{split}': {metrics['num_images']} images, {metrics['num_detections']} detections")
     unreadable = metrics.get("unreadable_images") or []
     if unreadable:
@@ -98,14 +93,9 @@ def _evaluate_model(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return _score_file(args) if args.results else _evaluate_model(args)
-    except KeyboardInterrupt:
-        return 130
-    except OSError as err:  # the output folder cannot be written
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cli.setup_logging()
+    # OSError: the output folder cannot be written.
+    return cli.run(lambda: _score_file(args) if args.results else _evaluate_model(args), also=(OSError,))
 
 
 if __name__ == "__main__":

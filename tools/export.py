@@ -13,43 +13,29 @@ weights. Exit code 0 on success, 2 on an error.
     out = detector.signatures["serving_default"](images=tf.constant([open("dog.jpg", "rb").read()]))
 """
 
-import argparse
-import logging
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # see frcnn/cli.py
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from frcnn import cli  # noqa: E402
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", required=True,
-                        help="checkpoint, e.g. runs/shapes/checkpoints/best.weights.h5, a Detectron2 "
-                             "model_final_*.pkl or detectron2:<zoo name> (see README)")
-    parser.add_argument("--config", help="config name or path (default: the config.yaml saved with the weights)")
+    parser = cli.make_parser(__doc__)
+    cli.add_weights(parser)
+    cli.add_config(parser)
     parser.add_argument("--out", required=True, help="folder of the SavedModel (replaced if it holds one)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set model.score_thresh=0.3 (repeatable)")
+    cli.add_overrides(parser, "model.score_thresh=0.3")
     return parser.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "tensorflow"):  # SavedModel writing logs variable renames and asset paths at INFO
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    from frcnn import export, inference
-    from frcnn.config import ConfigError
-    from frcnn.data import DataError
-    from frcnn.training import TrainingError
+def _export(args):
+    from frcnn import export, loading
 
-    try:
-        model, cfg, _ = inference.load_trained_model(args.weights, args.config, args.overrides)
-        path = export.export_saved_model(model, args.out)
-    except (ConfigError, DataError, TrainingError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    model, cfg, _ = loading.load_trained_model(args.weights, args.config, args.overrides)
+    path = export.export_saved_model(model, args.out)
     print(f"SavedModel: {path}")
     print(f"  {export.SERVING_SIGNATURE}: images (N,) string (encoded images) -> boxes, scores, classes, "
           "num_detections")
@@ -57,6 +43,13 @@ def main(argv=None):
     print(f"  classes: {', '.join(cfg.data.classes)} (ids 1..{len(cfg.data.classes)}; "
           f"{export.EXTRA_DIR}/classes.txt)")
     return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # SavedModel writing logs variable renames and asset paths at INFO.
+    cli.setup_logging(quiet=("absl", "tensorflow"))
+    return cli.run(lambda: _export(args), also=(OSError,))
 
 
 if __name__ == "__main__":

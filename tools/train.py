@@ -5,51 +5,46 @@ printing the validation mAP and the path of an annotated prediction image. Runni
 from the work directory's last checkpoint.
 """
 
-import argparse
-import logging
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # see frcnn/cli.py
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from frcnn import cli  # noqa: E402
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="shapes.yaml", help="config name in configs/ or a path (default: shapes.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set train.lr=0.01 (repeatable)")
+    parser = cli.make_parser(__doc__)
+    cli.add_config(parser, "shapes.yaml", "config name in configs/ or a path (default: shapes.yaml)")
+    cli.add_overrides(parser, "train.lr=0.01")
     parser.add_argument("--workdir", help="where checkpoints, logs and the resolved config go "
                                           "(default: runs/<config name>)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def _train(args):
     from frcnn import engine, load_config
-    from frcnn.config import ConfigError
-    from frcnn.data import DataError
-    from frcnn.training import TrainingError
+    from frcnn.report import format_report
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-        workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
-        model, result = engine.train(cfg, workdir, verbose=0 if args.quiet else 1)
-    except (ConfigError, DataError, TrainingError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    cfg = load_config(args.config, args.overrides)
+    workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
+    model, result = engine.train(cfg, workdir, verbose=0 if args.quiet else 1)
     if result["metrics"] is not None:
-        engine.print_metrics(result["metrics"], model.class_names[1:])
+        print(format_report(result["metrics"], model.class_names[1:]))
         print(f"validation mAP: AP {result['metrics']['AP']:.4f}, AP50 {result['metrics']['AP50']:.4f}, "
               f"VOC07 mAP50 {result['metrics']['voc07_mAP50']:.4f}")
     print(f"checkpoints: {os.path.join(workdir, 'checkpoints')}")
     if result["prediction_image"]:
         print(f"annotated prediction image: {result['prediction_image']}")
     return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cli.setup_logging()
+    return cli.run(lambda: _train(args))
 
 
 if __name__ == "__main__":

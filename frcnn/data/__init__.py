@@ -19,14 +19,14 @@ import dataclasses
 from frcnn.data.coco import coco_class_names, load_coco
 from frcnn.data.imageio import inspect_image, load_image
 from frcnn.data.pipeline import build_dataset, check_decodable
-from frcnn.data.records import DataError, Issue, Record, RecordList, Report, summary
+from frcnn.data.records import DataError, Issue, Record, RecordList, Report, missing_targets, summary
 from frcnn.data.shapes import SHAPE_CLASSES, ensure_shapes, shapes_config
 from frcnn.data.voc import load_voc, voc_class_names
 
 __all__ = [
     "DataError", "Issue", "Record", "RecordList", "Report", "SHAPE_CLASSES", "build_dataset", "check_decodable",
     "inspect_image",
-    "load_image", "load_records", "resolve_classes", "summary",
+    "load_image", "load_records", "missing_targets", "resolve_classes", "summary",
 ]
 
 
@@ -41,12 +41,11 @@ def resolve_classes(cfg):
     fmt = cfg.data.format
     if fmt == "shapes":
         return shapes_config(cfg)
+    # data.format is one of voc, coco, shapes: the config refuses any other value.
     if fmt == "voc":
         names = voc_class_names(cfg, cfg.data.train_split)
-    elif fmt == "coco":
-        names = coco_class_names(cfg, cfg.data.train_split)
     else:
-        raise DataError(f"unknown data.format {fmt!r} (voc, coco or shapes)")
+        names = coco_class_names(cfg, cfg.data.train_split)
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, classes=tuple(names)))
 
 
@@ -70,8 +69,6 @@ def load_records(cfg, split):
         if class_names is None and split != cfg.data.train_split:
             class_names = voc_class_names(cfg, cfg.data.train_split)
         records, report = load_voc(cfg, split, class_names)
-    elif fmt == "coco":
+    else:  # coco (the config allows no other format)
         records, report = load_coco(cfg, split)
-    else:
-        raise DataError(f"unknown data.format {fmt!r} (voc, coco or shapes)")
     return records, records.class_names, report

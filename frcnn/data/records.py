@@ -152,10 +152,6 @@ class Report:
         for is_skip, issue in issues:
             self._add(issue, self.skipped if is_skip else self.warnings)
 
-    def extend(self, other):
-        self.skipped.extend(other.skipped)
-        self.warnings.extend(other.warnings)
-
     @property
     def skipped_files(self):
         return [issue.path for issue in self.skipped]
@@ -257,3 +253,17 @@ def optional_int(value) -> Optional[int]:
         return int(float(value))
     except (TypeError, ValueError):
         return None
+
+
+def missing_targets(records, use_difficult, purpose):
+    """What is wrong when ``records`` hold no box to ``purpose`` (crowd and difficult boxes do not count unless
+    ``use_difficult``), else None. Without it a run trains on background alone, exits 0 and prints AP -1."""
+    usable = sum(int(np.sum(r.train_mask(use_difficult))) for r in records)
+    if usable:
+        return None
+    ignored = sum(int(np.sum(r.ignore)) for r in records)
+    if ignored:
+        return (f"has {len(records)} images but no box to {purpose}: all {ignored} boxes are crowd (COCO iscrowd) "
+                "or difficult (VOC) regions, which are only ignored" + (
+                    "; set data.use_difficult=true to train on difficult boxes" if purpose == "train on" else ""))
+    return f"has {len(records)} images but no object boxes at all (check the annotations and data.classes)"

@@ -1,8 +1,8 @@
-"""Evaluation files: what ``tools/evaluate.py`` writes after evaluating a model, and the scoring of such files.
+"""The files of an evaluation: JSON writing, the files an evaluation of a model leaves, and scoring a COCO results file.
 
-- :func:`evaluate_split`: run a model over a dataset split (``frcnn.engine.evaluate_records``: pycocotools on the
-  ground truth converted in memory, VOC difficult / COCO crowd boxes ignored, plus VOC07 AP) and write
-  ``metrics.json``, ``results.json`` (standard COCO results) and ``gt.json`` (the ground truth as evaluated).
+- :func:`save_json`: atomic, strict JSON (numpy values become Python values, ``nan`` becomes ``null``).
+- :func:`write_evaluation_files`: ``metrics.json``, ``results.json`` (standard COCO results) and ``gt.json`` (the
+  ground truth as evaluated) of :func:`frcnn.evaluation.evaluate_split`.
 - :func:`score_results_file`: score a COCO results file against a COCO annotation file, without a model.
 
 Scoring ``results.json`` against ``gt.json`` reproduces the numbers of the evaluation that wrote them.
@@ -13,77 +13,79 @@ import io
 import json
 import math
 import os
+from collections.abc import Mapping
 
 import numpy as np
+from pycocotools.coco import COCO
 
-from frcnn import evaluation
+from frcnn.evaluation.metrics import add_voc07, coco_evaluate, detections_to_coco_results, to_coco_ground_truth
+from frcnn.fileio import atomic_path
 
 _SHOWN_BAD_ENTRIES = 5  # bad results entries named in the error; the rest are counted
 
 
-def evaluate_split(model, cfg, split, out_dir=None, max_images=None, verbose=1):
-    """COCO-style (pycocotools) and VOC07 evaluation of ``model`` on ``split`` of the dataset ``cfg`` describes.
+def _jsonable(obj):
+    """Numpy scalars / arrays -> Python; non-finite floats -> None, so the file is strict JSON."""
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
-    Returns ``(metrics, files)``. With ``out_dir``, writes there (``files`` maps each kind to its path):
-    - ``metrics.json``: :func:`frcnn.evaluation.evaluate`'s dict (the 12 COCOeval numbers, per-class AP and AP50,
-      VOC07 per-class AP50 and their mean, counts) plus ``split``, ``format`` and the two file names below;
+
+def save_json(obj, path):
+    """Write ``obj`` as JSON to ``path`` atomically (temporary file in the same directory, then ``os.replace``).
+
+    Numpy values become Python values and ``nan`` / ``inf`` become ``null`` (strict JSON, readable by any tool).
+    """
+    with atomic_path(os.fspath(path), ".json") as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(_jsonable(obj), f, indent=2, sort_keys=True, allow_nan=False)
+
+
+def write_evaluation_files(out_dir, metrics, records, detections, class_names, category_ids=None, fmt=None):
+    """Write ``metrics.json``, ``results.json`` and ``gt.json`` of an evaluation to ``out_dir``; returns
+    ``{"metrics" | "results" | "gt": path}``.
+
     - ``results.json``: the detections as a standard COCO results list (``image_id``, ``category_id``,
       ``bbox = [x, y, w, h]`` in original pixels, ``score``), with the dataset's own category ids (COCO) and, for
-      COCO data, the dataset's image ids (``Record.source_id``), so the file can be scored against the original
-      annotation file; for VOC and shapes data ``image_id`` is the record's index in the split;
-    - ``gt.json``: the ground truth exactly as evaluated (the images read, difficult / crowd boxes as
-      ``iscrowd``), as a COCO annotation file with the same ids: ``tools/evaluate.py --results results.json
-      --annotations gt.json`` reproduces these numbers.
+      COCO data (``fmt == "coco"``), the dataset's image ids (``Record.source_id``), so the file can be scored against
+      the original annotation file; for VOC and shapes data ``image_id`` is the record's index in the split;
+    - ``gt.json``: the ground truth exactly as evaluated (the images read, difficult / crowd boxes as ``iscrowd``),
+      as a COCO annotation file with the same ids: :func:`score_results_file` on the two reproduces the numbers;
+    - ``metrics.json``: ``metrics`` plus the absolute paths of the two files above (added to ``metrics`` too).
     """
-    from frcnn import data as data_lib
-    from frcnn.engine import evaluate_records
+    by_id = {r.image_id: r for r in records}
+    # COCO data keeps the dataset's image ids (results then also score against the official annotations).
+    use_source = fmt == "coco" and all(isinstance(by_id[d["image_id"]].source_id, (int, np.integer))
+                                       for d in detections)
 
-    records, class_names, report = data_lib.load_records(cfg, split)
-    if cfg.data.classes is not None and tuple(class_names) != tuple(cfg.data.classes):
-        raise data_lib.DataError(f"split '{split}' has the classes {list(class_names)}, the model "
-                                 f"{list(cfg.data.classes)}")
-    if not records:
-        raise data_lib.DataError(f"split '{split}' of {cfg.data.root} has no usable images"
-                                 + (f" ({len(report.skipped)} skipped)" if report.skipped else ""))
-    from frcnn.engine import _no_targets
+    def out_id(image_id):
+        return int(by_id[image_id].source_id) if use_source else int(image_id)
 
-    problem = _no_targets(records[:max_images] if max_images else records, False, "evaluate against")
-    if problem:
-        raise data_lib.DataError(f"split '{split}' of {cfg.data.root} {problem}: no metric can be computed")
-    fmt = getattr(records, "format", None)
-    category_ids = getattr(records, "category_ids", None)
-    if category_ids is not None:
-        category_ids = evaluation.category_id_list(len(class_names), category_ids)
-    metrics, detections = evaluate_records(model, cfg, records, class_names, category_ids, max_images, verbose)
-    metrics["split"] = split
-    metrics["format"] = fmt
-    files = {}
-    if out_dir:
-        by_id = {r.image_id: r for r in records}
-        # COCO data keeps the dataset's image ids (results then also score against the official annotations).
-        use_source = fmt == "coco" and all(isinstance(by_id[d["image_id"]].source_id, (int, np.integer))
-                                           for d in detections)
-
-        def out_id(image_id):
-            return int(by_id[image_id].source_id) if use_source else int(image_id)
-
-        evaluated = [by_id[d["image_id"]] for d in detections]
-        gt = evaluation.to_coco_ground_truth(
-            [{"image_id": out_id(r.image_id), "width": r.width, "height": r.height, "boxes": r.boxes,
-              "classes": r.classes, "ignore": r.ignore} for r in evaluated],
-            class_names, category_ids,
-        ).dataset
-        for image, record in zip(gt["images"], evaluated):  # same order: one image per record
-            image["file_name"] = os.path.basename(record.file_name)
-        results = evaluation.detections_to_coco_results(
-            [dict(d, image_id=out_id(d["image_id"])) for d in detections], category_ids)
-        files = {k: os.path.join(out_dir, k + ".json") for k in ("metrics", "results", "gt")}
-        metrics["results_file"] = os.path.abspath(files["results"])
-        metrics["gt_file"] = os.path.abspath(files["gt"])
-        evaluation.save_json(results, files["results"])
-        evaluation.save_json(gt, files["gt"])
-        evaluation.save_json(metrics, files["metrics"])
-    return metrics, files
+    evaluated = [by_id[d["image_id"]] for d in detections]
+    gt = to_coco_ground_truth(
+        [{"image_id": out_id(r.image_id), "width": r.width, "height": r.height, "boxes": r.boxes,
+          "classes": r.classes, "ignore": r.ignore} for r in evaluated],
+        class_names, category_ids,
+    ).dataset
+    for image, record in zip(gt["images"], evaluated):  # same order: one image per record
+        image["file_name"] = os.path.basename(record.file_name)
+    results = detections_to_coco_results(
+        [dict(d, image_id=out_id(d["image_id"])) for d in detections], category_ids)
+    files = {k: os.path.join(out_dir, k + ".json") for k in ("metrics", "results", "gt")}
+    metrics["results_file"] = os.path.abspath(files["results"])
+    metrics["gt_file"] = os.path.abspath(files["gt"])
+    save_json(results, files["results"])
+    save_json(gt, files["gt"])
+    save_json(metrics, files["metrics"])
+    return files
 
 
 def _read_json_file(path, what):
@@ -157,13 +159,11 @@ def _check_results(results, path, coco_gt):
 def score_results_file(results_path, annotations_path):
     """Score a COCO results file against a COCO annotation file (no model): ``(metrics, class_names)``.
 
-    ``metrics`` has the same keys as :func:`frcnn.evaluation.evaluate`: the 12 COCOeval numbers and per-class AP
+    ``metrics`` has the same keys as :func:`frcnn.evaluation.metrics.evaluate`: the 12 COCOeval numbers and per-class AP
     (pycocotools), and the VOC07 11-point AP50 per class and its mean computed on the same boxes (``iscrowd``
     annotations are ignore regions, as VOC difficult boxes). Classes are the annotation file's categories in
     increasing id order. Raises ``ValueError`` naming the file for unreadable or malformed input.
     """
-    from pycocotools.coco import COCO
-
     data = _read_json_file(annotations_path, "annotation")
     if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= set(data):
         raise ValueError(f"annotation file '{annotations_path}' is not a COCO annotation file (it needs 'images', "
@@ -175,7 +175,7 @@ def score_results_file(results_path, annotations_path):
     results = _read_json_file(results_path, "results")
     _check_results(results, results_path, coco_gt)
     try:
-        metrics = evaluation.coco_evaluate(coco_gt, results)
+        metrics = coco_evaluate(coco_gt, results)
     except ValueError as err:
         raise ValueError(f"{results_path}: {err} (annotations: {annotations_path})") from None
 
@@ -198,9 +198,5 @@ def score_results_file(results_path, annotations_path):
         det["boxes"].append([x, y, x + w, y + h])
         det["scores"].append(r["score"])
         det["classes"].append(class_of[r["category_id"]])
-    voc = evaluation.voc_evaluate(records, list(per_image.values()), class_names)
-    metrics["voc07_mAP50"] = voc["mAP50"]
-    metrics["voc07_per_class_AP50"] = voc["per_class_AP50"]
-    metrics["num_images"] = len(records)
-    metrics["num_detections"] = len(results)
+    metrics = add_voc07(metrics, records, list(per_image.values()), class_names, len(results))
     return metrics, class_names

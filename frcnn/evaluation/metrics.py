@@ -1,4 +1,4 @@
-"""Detection evaluation: COCO-style AP through pycocotools, and Pascal VOC2007 11-point AP.
+"""Detection metrics: COCO-style AP through pycocotools, and Pascal VOC2007 11-point AP.
 
 Pure NumPy + pycocotools; nothing here needs TensorFlow. ``frcnn.boxes`` is deliberately not imported, because it
 imports TensorFlow: the one IoU needed here is re-stated in NumPy (:func:`_pairwise_iou`) with the same convention.
@@ -28,17 +28,13 @@ All metrics are fractions in [0, 1] (not percentages). COCOeval's "no ground tru
 import contextlib
 import copy
 import io
-import json
 import math
-import os
 import warnings
 from collections.abc import Mapping
 
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-
-from frcnn.fileio import atomic_path
 
 # The 12 numbers of COCOeval.stats for iouType="bbox", in order.
 COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -387,7 +383,7 @@ def voc_evaluate(records, detections, class_names, iou_thresh=0.5):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Everything at once, reporting, saving
+# Everything at once
 # --------------------------------------------------------------------------------------------------------------
 def evaluate(records, detections, class_names, category_ids=None):
     """COCO-style and VOC07 metrics of ``detections`` against ``records`` in one flat dict.
@@ -401,68 +397,18 @@ def evaluate(records, detections, class_names, category_ids=None):
     coco_gt = to_coco_ground_truth(records, class_names, category_ids)
     results = detections_to_coco_results(detections, category_ids)
     metrics = coco_evaluate(coco_gt, results)
+    return add_voc07(metrics, records, detections, class_names, len(results))
+
+
+def add_voc07(metrics, records, detections, class_names, num_detections):
+    """``metrics`` (from :func:`coco_evaluate`) completed with ``voc07_mAP50``, ``voc07_per_class_AP50`` (of
+    :func:`voc_evaluate` on the same boxes), ``num_images`` and ``num_detections``; returns ``metrics``."""
     voc = voc_evaluate(records, detections, class_names)
     metrics["voc07_mAP50"] = voc["mAP50"]
     metrics["voc07_per_class_AP50"] = voc["per_class_AP50"]
     metrics["num_images"] = len(records)
-    metrics["num_detections"] = len(results)
+    metrics["num_detections"] = num_detections
     return metrics
-
-
-def format_report(metrics, class_names):
-    """A plain-text table of :func:`evaluate`'s ``metrics``: the COCO summary numbers, then one row per class."""
-
-    def fmt(v):
-        # None / nan, and pycocotools' -1 ("no ground truth in this area range"), print as a dash.
-        missing = v is None or (isinstance(v, float) and math.isnan(v)) or v == -1
-        return "   -  " if missing else f"{100.0 * v:6.2f}"
-
-    lines = []
-    coco_keys = [k for k in COCO_STAT_NAMES if k in metrics]
-    if coco_keys:
-        lines.append("COCO bbox (pycocotools, %):")
-        for row in (coco_keys[:6], coco_keys[6:]):
-            if row:
-                lines.append("  " + "  ".join(f"{k} {fmt(metrics[k]).strip()}" for k in row))
-    if "voc07_mAP50" in metrics:
-        lines.append(f"VOC07 11-point mAP@0.5 (%): {fmt(metrics['voc07_mAP50']).strip()}")
-    per_ap = metrics.get("per_class_AP", {})
-    per_ap50 = metrics.get("per_class_AP50", {})
-    per_voc = metrics.get("voc07_per_class_AP50", {})
-    width = max([len("class")] + [len(str(n)) for n in class_names])
-    lines.append(f"{'class':<{width}}  {'AP':>6}  {'AP50':>6}  {'VOC07':>6}")
-    lines.append("-" * (width + 26))
-    for name in class_names:
-        name = str(name)
-        lines.append(
-            f"{name:<{width}}  {fmt(per_ap.get(name))}  {fmt(per_ap50.get(name))}  {fmt(per_voc.get(name))}"
-        )
-    return "\n".join(lines)
-
-
-def _jsonable(obj):
-    """Numpy scalars / arrays -> Python; non-finite floats -> None, so the file is strict JSON."""
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def save_json(obj, path):
-    """Write ``obj`` as JSON to ``path`` atomically (temporary file in the same directory, then ``os.replace``).
-
-    Numpy values become Python values and ``nan`` / ``inf`` become ``null`` (strict JSON, readable by any tool).
-    """
-    with atomic_path(os.fspath(path), ".json") as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(_jsonable(obj), f, indent=2, sort_keys=True, allow_nan=False)
 
 
 def agreement(reference, detections, class_names, sizes, reference_min_score=0.5):

@@ -1,0 +1,71 @@
+"""What the four tools (``tools/train.py``, ``infer.py``, ``evaluate.py``, ``export.py``) share.
+
+- :func:`make_parser` and the common flags: :func:`add_config` (``--config``), :func:`add_overrides` (``--set
+  key=value``, repeatable), :func:`add_weights` (``--weights``);
+- :func:`setup_logging`: one format for every tool, chatty libraries held at WARNING;
+- :func:`run`: the exit codes. A problem the user can fix (:class:`ConfigError`, :class:`DataError`,
+  :class:`TrainingError`, and whatever else the tool names, e.g. ``OSError`` for an output folder) prints
+  ``error: <message>`` on stderr and gives 2; Ctrl-C gives 130 (128 + SIGINT), without a traceback. Anything else is
+  a bug and keeps its traceback.
+
+A tool still starts with two lines of its own, because they must run before ``frcnn`` (and TensorFlow with it) is
+imported: the checkout on ``sys.path`` and ``TF_CPP_MIN_LOG_LEVEL=2``.
+"""
+
+import argparse
+import logging
+import sys
+
+from frcnn.config import ConfigError
+from frcnn.data import DataError
+from frcnn.errors import TrainingError
+
+USER_ERRORS = (ConfigError, DataError, TrainingError)
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+WEIGHTS_HELP = ("checkpoint, e.g. runs/shapes/checkpoints/best.weights.h5, a Detectron2 model_final_*.pkl or "
+                "detectron2:<zoo name> (see README)")
+
+
+def make_parser(doc):
+    """An ``ArgumentParser`` whose ``--help`` shows the tool's module docstring as written."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_config(parser, default=None, help_text="config name or path (default: the config.yaml saved with the weights)"):
+    parser.add_argument("--config", default=default, help=help_text)
+
+
+def add_overrides(parser, example):
+    """``--set KEY=VALUE`` (repeatable) into ``args.overrides``; ``example`` is shown in the help."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a config key, e.g. --set {example} (repeatable)")
+
+
+def add_weights(parser, required=True, help_text=WEIGHTS_HELP):
+    parser.add_argument("--weights", required=required, help=help_text)
+
+
+def setup_logging(quiet=()):
+    """INFO logs as ``LEVEL logger: message``; the loggers named in ``quiet`` only from WARNING up."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for name in quiet:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def error(message):
+    """Print ``error: message`` on stderr; returns the exit code of an error (2)."""
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def run(body, also=()):
+    """``body()``'s exit code; 2 with the message for :data:`USER_ERRORS` and the exception types in ``also``, 130
+    on Ctrl-C."""
+    try:
+        return body()
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except USER_ERRORS + tuple(also) as err:
+        return error(err)
