@@ -88,7 +88,8 @@ def load_trained_model(weights, config=None, overrides=(), score_thresh=None):
     lowest score the caller wants; ``model.score_thresh`` is lowered to it when higher (this only adds
     detections below the old threshold: the others, their NMS and their order are unchanged).
 
-    The backbone is not initialised from ImageNet (the checkpoint replaces every weight). Raises
+    The backbone is not initialised from ImageNet (the checkpoint replaces every weight). Frozen BatchNorms are
+    folded into their convolutions (:meth:`FasterRCNN.fold_batchnorm`): the model is for inference and export. Raises
     :class:`ConfigError` or :class:`TrainingError` naming the file on any problem.
 
     ``weights`` may also be ``detectron2:<zoo name>`` or a Detectron2 ``.pkl`` file: see
@@ -121,6 +122,7 @@ def load_trained_model(weights, config=None, overrides=(), score_thresh=None):
     cfg = _lower_score_thresh(cfg, score_thresh)
     model = build_model(cfg, load_weights=False)
     training.load_checkpoint(model, weights)
+    model.fold_batchnorm()  # for inference, evaluation and export: frozen norms folded into their convolutions
     return model, cfg, os.path.abspath(config_path)
 
 
@@ -146,4 +148,5 @@ def load_pretrained_model(weights, config=None, overrides=(), score_thresh=None,
     cfg = _lower_score_thresh(cfg, score_thresh)
     model = build_model(cfg, load_weights=False)
     pretrained.load_detector_weights(model, ckpt)
+    model.fold_batchnorm()
     return model, cfg, os.path.abspath(config_path)
