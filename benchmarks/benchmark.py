@@ -12,6 +12,7 @@ config, nothing else. Parts: :mod:`benchmarks.machine` (processor features, prec
 """
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -84,7 +85,8 @@ def choose_variants(args, cfg, info, notes):
 
 
 def prepare_variant(cfg, variant, sizes, args):
-    """Build, warm up (in the variant's dtype policy) and return ``(model, tasks, losses, warm-up timings)``. Keras' global dtype
+    """Build, warm up (in the variant's dtype policy) and return ``(model, tasks, seen, warm-up timings)``
+    (:func:`benchmarks.workload.tasks`). Keras' global dtype
     policy, which ``build_model`` sets from the config, is restored afterwards."""
     import keras
 
@@ -92,17 +94,20 @@ def prepare_variant(cfg, variant, sizes, args):
     try:
         log(f"{variant.name}: building")
         model = workload.build(workload.variant_config(cfg, variant))
-        tasks, losses = workload.tasks(model, model.cfg, variant, sizes, split=args.split)
+        tasks, seen = workload.tasks(model, model.cfg, variant, sizes, split=args.split)
         log(f"{variant.name}: {args.warmup} warm-up call(s) per task (the first traces and compiles)")
         warm = measure.interleaved(tasks, warmup=args.warmup, repeats=0, log=lambda m: log(f"{variant.name}: {m}"))
-        return model, tasks, losses, warm
+        return model, tasks, seen, warm
     finally:
         keras.mixed_precision.set_global_policy(previous)
 
 
 def short_reason(err):
-    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
-    return f"{type(err).__name__}: {first[:200]}"
+    """One line: the first line of the message that names an error (TensorFlow's traced errors begin with
+    "in user code:" and a traceback), else its first line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    named = [line for line in lines if "Error" in line or "Exception" in line]
+    return f"{type(err).__name__}: {(named or lines or [''])[0][:200]}"
 
 
 def run(args):
@@ -124,12 +129,12 @@ def run(args):
     prepared, failed, flops = {}, {}, None
     for variant in variants:
         try:
-            model, tasks, losses, warm = prepare_variant(cfg, variant, sizes, args)
+            model, tasks, seen, warm = prepare_variant(cfg, variant, sizes, args)
         except Exception as err:  # noqa: BLE001 - a variant that cannot run is reported, the others still run
             log(f"{variant.name}: failed: {short_reason(err)}")
             failed[variant] = f"n/a ({short_reason(err)})"
             continue
-        prepared[variant] = (tasks, losses, warm)
+        prepared[variant] = (tasks, seen, warm)
         if flops is None:  # the same for every variant: precision and XLA do not change the arithmetic
             flops = flops_lib.count(model, padded, sizes.batch, sizes.proposals, sizes.rois)
 
@@ -151,14 +156,21 @@ def run(args):
             rows.append({"name": variant.name, "precision": variant.precision, "xla": variant.xla,
                          "status": failed[variant]})
             continue
-        tasks, losses, warm = prepared[variant]
+        tasks, seen, warm = prepared[variant]
         own = {task: dict(timings[f"{variant.name} | {task}"], warmup=warm[task]["warmup"]) for task in tasks}
         matmul = (timings[f"matmul {workload.COMPUTE_DTYPE[variant.precision]}"],
                   matmuls[variant.precision][1])
         row = report.summarize(variant, own, flops, sizes.batch, matmul)
+        losses = seen["losses"]
         row["last_loss"] = losses[-1] if losses else None
-        if losses and not all(l == l and abs(l) != float("inf") for l in losses):
-            notes.append(f"{variant.name}: a training loss is not finite with random weights (timing still valid)")
+        row["detections_per_image"] = seen["detections"][-1] if seen["detections"] else None
+        if not all(math.isfinite(loss) for loss in losses):
+            notes.append(f"{variant.name}: a training loss is not finite with these random weights, so proposals and "
+                         "NMS may have had less work than with trained weights")
+        if row["detections_per_image"] is not None and row["detections_per_image"] < 10:
+            notes.append(f"{variant.name}: {row['detections_per_image']:g} detections per image with random weights "
+                         "(their class scores are near-uniform or saturated): the detections stage's NMS had "
+                         "almost nothing to do")
         rows.append(row)
     results = {
         "machine": info,

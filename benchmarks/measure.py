@@ -17,7 +17,8 @@ _CLEAR_REFS = "/proc/self/clear_refs"
 
 
 def block(outputs):
-    """Wait until every tensor in ``outputs`` is computed (accelerators and JAX run asynchronously)."""
+    """Wait until every tensor in ``outputs`` is computed (accelerators and JAX run asynchronously); the return
+    value is for waiting only."""
     import keras
 
     if keras.backend.backend() == "jax":
@@ -30,7 +31,10 @@ def block(outputs):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         return outputs
-    return keras.tree.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, outputs)
+    # TensorFlow: fetching one element of each output waits for it, without copying a large tensor off a GPU.
+    import tensorflow as tf
+
+    return keras.tree.map_structure(lambda t: tf.reshape(t, [-1])[:1].numpy() if tf.is_tensor(t) else t, outputs)
 
 
 class PeakMemory:

@@ -44,9 +44,13 @@ class Variant:
 
 def base_config(config, overrides, sizes):
     """The config under test (without the variant's keys): ``config`` + user ``overrides`` + the sizes, random
-    weights. When the config lists no classes, 20 placeholder names stand in (only their number costs time)."""
+    weights, a vanishing learning rate (see below). When the config lists no classes, 20 placeholder names stand in (only their number costs time)."""
     from frcnn.config import load_config
 
+    # Before the user's overrides, so that --set can change it: a learning rate that leaves the random weights where
+    # they are (the arithmetic of a step does not depend on it). With a real one the loss of a random ResNet-50-C4
+    # grows step by step into inf, the weights become NaN, and proposals and NMS then have nothing to do.
+    defaults = ["train.lr=1.0e-20"]
     settings = [
         "model.backbone_weights=none",
         f"input.min_size={sizes.min_size}",
@@ -57,10 +61,10 @@ def base_config(config, overrides, sizes):
         f"train.batch_size={sizes.batch}",
         f"eval.batch_size={sizes.batch}",
     ]
-    cfg = load_config(config, list(overrides) + settings)
+    cfg = load_config(config, defaults + list(overrides) + settings)
     # The pre-NMS top-k at test time must be at least the number of proposals kept.
     topk = max(sizes.proposals, cfg.model.rpn_pre_nms_topk_test)
-    cfg = load_config(config, list(overrides) + settings + [f"model.rpn_pre_nms_topk_test={topk}"])
+    cfg = load_config(config, defaults + list(overrides) + settings + [f"model.rpn_pre_nms_topk_test={topk}"])
     if cfg.data.classes is None:
         names = tuple(f"class{i}" for i in range(1, 21))
         cfg = cfg.replace(data=dataclasses.replace(cfg.data, classes=names))
@@ -145,7 +149,8 @@ def stage_tasks(model, batch, jit_compile):
         compiled = measure.compile_fn(fn, model.variables, jit_compile)
 
         def run():
-            out = measure.block(compiled(*(values[name] for name in inputs)))
+            out = compiled(*(values[name] for name in inputs))
+            measure.block(out)
             values.update(zip(outputs, out if len(outputs) > 1 else (out,)))
 
         return run
@@ -154,15 +159,19 @@ def stage_tasks(model, batch, jit_compile):
 
 
 def tasks(model, cfg, variant, sizes, split=True):
-    """``({task: fn}, losses)`` of one variant, in running order: ``infer``, ``train``, then the stages; ``losses``
-    collects the training loss of every step (random weights can make it non-finite; the timing stays valid)."""
+    """``({task: fn}, seen)`` of one variant, in running order: ``infer``, ``train``, then the stages. ``seen``
+    records the training loss of every step and the detections per image of every inference: with random weights
+    the loss can become non-finite and the detections few, which says how much work NMS had."""
     batch, train_batch = synthetic_batches(cfg, sizes)
-    losses = []
+    seen = {"losses": [], "detections": []}
+
+    def infer():
+        seen["detections"].append(float(np.mean(model.predict_on_batch(batch)["num_detections"])))
 
     def train():
-        losses.append(float(model.train_on_batch(train_batch, return_dict=True)["loss"]))
+        seen["losses"].append(float(model.train_on_batch(train_batch, return_dict=True)["loss"]))
 
-    out = {"infer": lambda: model.predict_on_batch(batch), "train": train}
+    out = {"infer": infer, "train": train}
     if split:
         out.update(stage_tasks(model, batch, variant.xla))
-    return out, losses
+    return out, seen

@@ -150,3 +150,9 @@ def test_tiny_end_to_end_run_fills_every_field(tmp_path, capsys):
     assert set(results["machine"]["cpu"]["flags"]) == set(machine.FEATURE_FLAGS)
     assert json.loads(out_json.read_text())["variants"][0]["name"] == "float32"
     assert keras.mixed_precision.global_policy().name == "float32"  # nothing leaks into later tests
+
+
+def test_a_failed_variant_is_reported_by_the_line_that_names_the_error():
+    err = ValueError("in user code:\n\n    File \"x.py\", line 3, in call\n    ValueError: bad shape (1,)\n  more")
+    assert benchmark.short_reason(err) == "ValueError: ValueError: bad shape (1,)"
+    assert benchmark.short_reason(RuntimeError("plain")) == "RuntimeError: plain"
