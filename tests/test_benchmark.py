@@ -1,60 +1,158 @@
-"""benchmarks/benchmark.py: its --quick logic run in this process on tiny sizes. A smoke test, not a timing test."""
+"""The benchmark package (benchmarks/): its pieces on hand-made inputs, and one end-to-end run at a tiny size.
 
-import importlib.util
+Nothing here asserts a timing: the benchmark prints figures, it does not judge them.
+"""
+
 import json
 import math
-import os
 
 import keras
+import pytest
 
-from conftest import RACCOON_ROOT, ROOT
+from benchmarks import benchmark, flops, machine, measure, report, workload
 
-TINY = ["--quick", "--no-isolate", "--variants", "fp32", "--min-size", "64", "--max-size", "96", "--rois", "16",
-        "--train-rois", "8", "--repeats", "1", "--budget", "0", "--matmul-size", "256", "--pipeline-batches", "3"]
-NUMERIC = ("infer_s", "gflop", "gflop_profiler", "gflops", "matmul_gflops", "matmul_ratio", "train_s",
-           "train_img_s", "peak_infer_mb", "peak_train_mb")
+CPUINFO = """\
+processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC 9R14 96-Core Processor
+flags\t\t: fpu sse2 avx2 fma avx512f avx512bw avx512_bf16 amx_tile amx_bf16
+bogomips\t: 5199.99
+
+processor\t: 1
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC 9R14 96-Core Processor
+flags\t\t: fpu sse2 avx2 fma avx512f avx512bw avx512_bf16 amx_tile amx_bf16
+"""
+AVX2_ONLY = "processor : 0\nmodel name : Old CPU\nflags : fpu sse2 avx2 fma\n"
 
 
-def load_benchmark():
-    path = os.path.join(ROOT, "benchmarks", "benchmark.py")
-    spec = importlib.util.spec_from_file_location("frcnn_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def test_cpuinfo_parser_reads_model_count_and_bfloat16_flags():
+    cpu = machine.parse_cpuinfo(CPUINFO)
+    assert cpu["model"] == "AMD EPYC 9R14 96-Core Processor"
+    assert cpu["logical_cpus"] == 2
+    assert cpu["flags"] == {"avx512f": True, "avx512_bf16": True, "amx_bf16": True, "amx_tile": True}
+    assert machine.default_precisions(cpu, gpus=[]) == ["float32", "mixed_bfloat16"]
+
+    old = machine.parse_cpuinfo(AVX2_ONLY)
+    assert old["flags"] == dict.fromkeys(machine.FEATURE_FLAGS, False) and old["model"] == "Old CPU"
+    assert machine.default_precisions(old, gpus=[]) == ["float32"]  # bfloat16 would be emulated: not by default
+    assert machine.default_precisions(old, gpus=["H200"]) == ["float32", "mixed_bfloat16", "mixed_float16"]
+    assert machine.parse_cpuinfo("")["model"] == "unknown"
 
 
-def test_quick_run_prints_one_table_with_positive_figures(tmp_path, capsys):
-    bench = load_benchmark()
-    data_root = os.environ.get("FRCNN_RACCOON", RACCOON_ROOT)
+def test_flop_counter_matches_a_hand_count_for_conv_and_dense():
+    inputs = keras.Input((10, 12, 4))
+    frozen = keras.layers.Conv2D(8, 3, padding="same", name="frozen")
+    frozen.trainable = False
+    x = frozen(inputs)  # 10 x 12 x 8, 3x3x4 kernel
+    x = keras.layers.Conv2D(6, 1, strides=2, name="strided")(x)  # 5 x 6 x 6, 1x1x8 kernel
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(5, name="dense")(x)  # 6 -> 5
+    costs = flops.functional_costs(keras.Model(inputs, outputs), (1, 10, 12, 4))
+    conv1, conv2, dense = 10 * 12 * 8 * (3 * 3 * 4), 5 * 6 * 6 * (1 * 1 * 8), 6 * 5
+    assert costs == [(conv1, False), (conv2, True), (dense, True)]
+    # Backward: nothing for the frozen first layer; the second has a weight gradient only (nothing trains before
+    # it); the Dense layer both gradients.
+    assert flops.backward_macs(costs, False) == (conv2 + 2 * dense, True)
+    assert flops.backward_macs(costs, True) == (conv1 + 2 * conv2 + 2 * dense, True)
+    # RoIAlign: contract the longer side (W = 6) first, then the shorter (H = 4): N P C H (W + P).
+    assert flops.roi_align_macs(3, 2, 4, 6, 5) == 3 * 2 * 5 * 4 * 6 + 3 * 2 * 2 * 5 * 4
+
+
+def test_interleaved_rounds_rotate_the_order_and_take_medians():
+    order = []
+    tasks = {name: (lambda name=name: order.append(name)) for name in "abc"}
+
+    class FakeMemory:
+        peaks = iter([{"rss_mb": v, "device_mb": None} for v in (5, 1, 2, 7, 3, 4)])
+
+        def reset(self):
+            pass
+
+        def peak(self):
+            return next(self.peaks)
+
+    out = measure.interleaved(tasks, warmup=1, repeats=2, memory=FakeMemory())
+    assert order == list("abc") + list("bca") + list("cab")  # warm-up in the given order, then rotated rounds
+    for name in "abc":
+        assert len(out[name]["warmup"]) == 1 and len(out[name]["runs"]) == 2
+        assert out[name]["median"] == pytest.approx(sum(out[name]["runs"]) / 2)
+    # Peaks are the maximum over a task's timed runs: the first timed round ran b, c, a; the second c, a, b.
+    assert {n: out[n]["peak"]["rss_mb"] for n in "abc"} == {"a": 3, "b": 5, "c": 7}
+
+
+def test_variant_changes_only_the_two_config_switches():
+    cfg = workload.base_config("test.yaml", [], workload.Sizes(64, 96, 8, 4, 2))
+    assert (cfg.input.min_size, cfg.input.max_size, cfg.model.rpn_post_nms_topk_test) == (64, 96, 8)
+    assert (cfg.model.num_rois, cfg.train.batch_size, cfg.model.backbone_weights) == (4, 2, "none")
+    bf16 = workload.variant_config(cfg, workload.Variant("mixed_bfloat16", True))
+    assert (bf16.train.mixed_precision, bf16.train.jit_compile) == ("mixed_bfloat16", True)
+    assert workload.variant_config(cfg, workload.Variant("float32", False)).train.mixed_precision == "off"
+    assert bf16.replace(train=cfg.train) == cfg
+
+
+def _results():
+    split = {stage: 0.1 for stage in workload.STAGES}
+    return {
+        "machine": {"cpu": machine.parse_cpuinfo(CPUINFO), "usable_cores": 2, "backend": "tensorflow", "gpus": [],
+                    "versions": {"keras": "3"}, "load_average_start": 1.0},
+        "settings": {"config": "voc.yaml", "overrides": [], "min_size": 600, "max_size": 1000, "proposals": 300,
+                     "rois": 128, "batch": 1, "padded": [608, 1024], "warmup": 1, "repeats": 3,
+                     "matmul_size": 2048},
+        "flops": {"inference": {"trunk": 2e9, "rpn_head": 1e9, "roi_align": 1e9, "roi_head": 6e9, "total": 10e9},
+                  "train": {"forward": 5e9, "backward": 10e9, "total": 15e9}, "feature_shape": [38, 64, 1024]},
+        "variants": [
+            {"name": "float32", "status": None, "infer_s": 2.0, "infer_gflops": 5.0, "train_s": 3.0,
+             "train_gflops": 5.0, "matmul_gflops": 50.0, "infer_vs_matmul": 0.1, "train_vs_matmul": 0.1,
+             "peak_infer_mb": 3100.0, "peak_train_mb": 3300.0, "split": split},
+            {"name": "mixed_float16", "status": "n/a (ValueError: no kernel)"},
+        ],
+        "memory_note": "memory: peak RSS", "notes": ["a note"], "load_average_end": 2.0, "wall_s": 12.0,
+    }
+
+
+def test_report_prints_header_table_split_and_notes():
+    text = report.render(_results())
+    lines = text.splitlines()
+    assert lines[0].startswith("CPU: AMD EPYC 9R14") and "avx512_bf16 yes" in lines[0] and "amx_tile yes" in lines[0]
+    header = next(line for line in lines if line.startswith("| variant"))
+    assert [c.strip() for c in header.strip("|").split("|")] == [h for _, h in report.COLUMNS]
+    row = next(line for line in lines if line.startswith("| float32 "))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:4] == ["2", "5", "3"] and cells[6] == "10%" and cells[8] == "3,100"
+    assert any(line.startswith("| mixed_float16 ") and "n/a (ValueError: no kernel)" in line for line in lines)
+    assert "inference 10.0 G per batch" in text and "train step 15.0 G (forward 5.0, backward 10.0)" in text
+    stage_rows = [line for line in lines if line.split("|")[1:2] and line.split("|")[1].strip() in workload.STAGES]
+    assert len(stage_rows) == len(workload.STAGES)
+    assert "| roi_head " in text and "60" in next(line for line in stage_rows if "roi_head" in line)  # 6 G / 0.1 s
+    assert "note: a note" in text and lines[-1] == "wall time 12 s"
+    assert report.fmt(None) == "-" and report.fmt(1234.5) == "1,234" and report.fmt(0.012345) == "0.0123"
+
+
+def test_tiny_end_to_end_run_fills_every_field(tmp_path, capsys):
     out_json = tmp_path / "bench.json"
-    results = bench.main(TINY + ["--data-root", data_root, "--json", str(out_json)])
+    results = benchmark.main(["--config", "test.yaml", "--min-size", "64", "--max-size", "64", "--proposals", "8",
+                              "--rois", "4", "--precisions", "float32", "--repeats", "1", "--matmul-size", "128",
+                              "--json", str(out_json)])
     printed = capsys.readouterr().out
+    assert "CPU: " in printed and "| variant" in printed and "Inference by stage" in printed
 
-    header = next(line for line in printed.splitlines() if line.startswith("| variant"))
-    assert [c.strip() for c in header.strip("|").split("|")] == [h for _, h in bench.COLUMNS]
-    assert "TensorFlow" in printed and "CPU:" in printed  # device information at the top
-
-    (row,) = results["table"]
-    assert row["variant"] == "fp32" and not row["status"]
-    for key in NUMERIC:
+    (row,) = results["variants"]
+    assert row["name"] == "float32" and row["status"] is None
+    for key in ("infer_s", "infer_gflops", "train_s", "train_gflops", "matmul_gflops", "infer_vs_matmul",
+                "train_vs_matmul", "peak_infer_mb", "peak_train_mb"):
         assert isinstance(row[key], float) and math.isfinite(row[key]) and row[key] > 0, (key, row[key])
-    # The analytic count (conv + dense layer shapes) and TensorFlow's profiler agree to within 1 %.
-    assert abs(row["gflop"] - row["gflop_profiler"]) <= 0.01 * row["gflop"]
-    if os.path.isdir(os.path.join(data_root, "Annotations")):
-        assert isinstance(row["input_img_s"], float) and row["input_img_s"] > 0
-    assert set(results["split"]) >= {"trunk", "rpn_head", "proposals", "roi_align", "roi_head", "detections"}
-
-    saved = json.loads(out_json.read_text())
-    assert saved["table"][0]["variant"] == "fp32"
+    assert set(row["split"]) == set(workload.STAGES) and all(v > 0 for v in row["split"].values())
+    f = results["flops"]
+    assert f["inference"]["total"] == sum(v for k, v in f["inference"].items() if k != "total")
+    assert f["train"]["backward"] > f["train"]["forward"] > 0
+    assert results["settings"]["padded"] == [64, 64]
+    assert set(results["machine"]["cpu"]["flags"]) == set(machine.FEATURE_FLAGS)
+    assert json.loads(out_json.read_text())["variants"][0]["name"] == "float32"
     assert keras.mixed_precision.global_policy().name == "float32"  # nothing leaks into later tests
 
 
-def test_table_shows_a_variant_that_cannot_run():
-    bench = load_benchmark()
-    rows = [
-        {"variant": "fp32", "policy": "float32", "status": None, "infer_s": 1.5, "train_s": 3.0},
-        {"variant": "mixed", "policy": "mixed_bfloat16", "status": "n/a (op CropAndResize has no bfloat16 kernel)"},
-    ]
-    text = bench.render_table(rows)
-    assert "| mixed " in text and "n/a (op CropAndResize has no bfloat16 kernel)" in text
-    assert len(text.splitlines()) == 4  # header, rule, two rows
+def test_a_failed_variant_is_reported_by_the_line_that_names_the_error():
+    err = ValueError("in user code:\n\n    File \"x.py\", line 3, in call\n    ValueError: bad shape (1,)\n  more")
+    assert benchmark.short_reason(err) == "ValueError: ValueError: bad shape (1,)"
+    assert benchmark.short_reason(RuntimeError("plain")) == "RuntimeError: plain"

@@ -1,0 +1,177 @@
+"""What is timed: one model per variant, built by ``frcnn.build_model`` from a config, and its tasks.
+
+A variant is a precision (``train.mixed_precision``) and an XLA setting (``train.jit_compile``); nothing else
+differs between variants, and both reach the model only through the config, as they do in training. Tasks of one
+variant:
+
+- ``infer``: ``model.predict_on_batch`` (Keras' compiled predict function) on prepared synthetic images;
+- ``train``: ``model.train_on_batch`` (Keras' compiled train step, what ``fit`` runs) on the same images with random
+  ground-truth boxes, optimizer from ``frcnn.training.make_optimizer``;
+- one task per inference stage (:data:`STAGES`): the model's own parts called on the previous stage's outputs,
+  each compiled on its own (:func:`benchmarks.measure.compile_fn`, XLA when the variant has it).
+"""
+
+import dataclasses
+
+import numpy as np
+
+from benchmarks import measure
+
+STAGES = ("trunk", "rpn_head", "proposals", "roi_align", "roi_head", "detections")
+COMPUTE_DTYPE = {"float32": "float32", "mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """Image ``min_size x max_size`` (before padding), test proposals and training ROIs per image, batch size."""
+
+    min_size: int = 600
+    max_size: int = 1000
+    proposals: int = 300
+    rois: int = 128
+    batch: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    precision: str
+    xla: bool
+
+    @property
+    def name(self):
+        return self.precision + (" +xla" if self.xla else "")
+
+
+def base_config(config, overrides, sizes):
+    """The config under test (without the variant's keys): ``config`` + user ``overrides`` + the sizes, random
+    weights, a vanishing learning rate (see below). When the config lists no classes, 20 placeholder names stand in (only their number costs time)."""
+    from frcnn.config import load_config
+
+    # Before the user's overrides, so that --set can change it: a learning rate that leaves the random weights where
+    # they are (the arithmetic of a step does not depend on it). With a real one the loss of a random ResNet-50-C4
+    # grows step by step into inf, the weights become NaN, and proposals and NMS then have nothing to do.
+    defaults = ["train.lr=1.0e-20"]
+    settings = [
+        "model.backbone_weights=none",
+        f"input.min_size={sizes.min_size}",
+        f"input.min_size_test={sizes.min_size}",
+        f"input.max_size={sizes.max_size}",
+        f"model.rpn_post_nms_topk_test={sizes.proposals}",
+        f"model.num_rois={sizes.rois}",
+        f"train.batch_size={sizes.batch}",
+        f"eval.batch_size={sizes.batch}",
+    ]
+    cfg = load_config(config, defaults + list(overrides) + settings)
+    # The pre-NMS top-k at test time must be at least the number of proposals kept.
+    topk = max(sizes.proposals, cfg.model.rpn_pre_nms_topk_test)
+    cfg = load_config(config, defaults + list(overrides) + settings + [f"model.rpn_pre_nms_topk_test={topk}"])
+    if cfg.data.classes is None:
+        names = tuple(f"class{i}" for i in range(1, 21))
+        cfg = cfg.replace(data=dataclasses.replace(cfg.data, classes=names))
+    return cfg
+
+
+def variant_config(cfg, variant):
+    """``cfg`` with the variant's two switches, the same keys a training run reads."""
+    train = dataclasses.replace(cfg.train, jit_compile=variant.xla,
+                                mixed_precision="off" if variant.precision == "float32" else variant.precision)
+    return cfg.replace(train=train)
+
+
+def synthetic_batches(cfg, sizes, seed=0):
+    """``(inference batch, training batch)`` of ``sizes.batch`` random ``min_size x max_size`` images, prepared as
+    ``model.detect`` prepares them; the training batch adds 3 random ground-truth boxes per image
+    (docs/CONTRACTS.md format)."""
+    from frcnn import transform
+
+    rng = np.random.default_rng(seed)
+    images = [rng.integers(0, 256, (sizes.min_size, sizes.max_size, 3), dtype=np.uint8) for _ in range(sizes.batch)]
+    batch = transform.prepare_batch(images, cfg.input)
+    max_gt, num_gt = cfg.input.max_gt, min(3, cfg.input.max_gt)
+    heights, widths = (batch["image_sizes"][:, k, None].astype(np.float32) for k in (0, 1))
+    w = rng.uniform(0.15, 0.6, (sizes.batch, max_gt)) * widths
+    h = rng.uniform(0.15, 0.6, (sizes.batch, max_gt)) * heights
+    x1 = rng.uniform(0.0, 1.0, w.shape) * (widths - w)
+    y1 = rng.uniform(0.0, 1.0, h.shape) * (heights - h)
+    valid = np.arange(max_gt)[None, :] < num_gt
+    train = dict(
+        batch,
+        gt_boxes=np.where(valid[..., None], np.stack([x1, y1, x1 + w, y1 + h], -1), 0.0).astype(np.float32),
+        gt_classes=np.where(valid, rng.integers(1, cfg.num_classes, valid.shape), 0).astype(np.int32),
+        gt_valid=np.repeat(valid, sizes.batch, axis=0),
+        image_ids=np.arange(sizes.batch, dtype=np.int64),
+    )
+    return batch, train
+
+
+def build(cfg):
+    """``frcnn.build_model(cfg)`` compiled as ``engine.train`` compiles it (``train.jit_compile``)."""
+    import frcnn
+    from frcnn import training
+
+    model = frcnn.build_model(cfg)
+    model.compile(optimizer=training.make_optimizer(cfg, steps_per_epoch=1000), jit_compile=cfg.train.jit_compile)
+    return model
+
+
+def stage_tasks(model, batch, jit_compile):
+    """``{stage: task}`` for :data:`STAGES`: each stage calls the model's part on the tensors the stage before it
+    left in a shared dict, so the tasks must run in this order (once) before any of them is timed alone."""
+    from keras import ops
+
+    from frcnn import transform
+
+    rpn, heads, i = model.rpn, model.roi_heads, model.cfg.input
+
+    def trunk(images, image_sizes):
+        images = transform.normalize(images, image_sizes, i.pixel_mean, i.pixel_std, i.channel_order)
+        return model.trunk(images, training=False)
+
+    def proposals(features, logits, deltas, image_sizes):
+        shape = ops.shape(features)
+        return rpn.proposals([logits, deltas, rpn.anchors(shape[1], shape[2]), image_sizes], training=False)
+
+    # (stage, function, input names, output names)
+    spec = (
+        ("trunk", trunk, ("images", "image_sizes"), ("features",)),
+        ("rpn_head", rpn.head, ("features",), ("rpn_logits", "rpn_deltas")),
+        ("proposals", proposals, ("features", "rpn_logits", "rpn_deltas", "image_sizes"),
+         ("proposals", "proposal_valid")),
+        ("roi_align", lambda f, p: heads.pooler([f, p]), ("features", "proposals"), ("pooled",)),
+        ("roi_head", lambda x: heads.head(x, training=False), ("pooled",), ("class_probs", "box_deltas")),
+        ("detections", lambda *t: heads.decoder(list(t)),
+         ("class_probs", "box_deltas", "proposals", "proposal_valid", "image_sizes"), ("detections",)),
+    )
+    values = {"images": ops.convert_to_tensor(batch["images"]),
+              "image_sizes": ops.convert_to_tensor(batch["image_sizes"].astype(np.int32))}
+
+    def task(fn, inputs, outputs):
+        compiled = measure.compile_fn(fn, model.variables, jit_compile)
+
+        def run():
+            out = compiled(*(values[name] for name in inputs))
+            measure.block(out)
+            values.update(zip(outputs, out if len(outputs) > 1 else (out,)))
+
+        return run
+
+    return {name: task(fn, inputs, outputs) for name, fn, inputs, outputs in spec}
+
+
+def tasks(model, cfg, variant, sizes, split=True):
+    """``({task: fn}, seen)`` of one variant, in running order: ``infer``, ``train``, then the stages. ``seen``
+    records the training loss of every step and the detections per image of every inference: with random weights
+    the loss can become non-finite and the detections few, which says how much work NMS had."""
+    batch, train_batch = synthetic_batches(cfg, sizes)
+    seen = {"losses": [], "detections": []}
+
+    def infer():
+        seen["detections"].append(float(np.mean(model.predict_on_batch(batch)["num_detections"])))
+
+    def train():
+        seen["losses"].append(float(model.train_on_batch(train_batch, return_dict=True)["loss"]))
+
+    out = {"infer": infer, "train": train}
+    if split:
+        out.update(stage_tasks(model, batch, variant.xla))
+    return out, seen
