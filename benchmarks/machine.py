@@ -1,11 +1,14 @@
 """What the benchmark runs on: the processor's features, accelerators, the Keras backend, and from these the
 precisions worth measuring.
 
-Only the standard library is imported at module level, so that the CPU-feature parser is testable without Keras.
+Only the standard library and :mod:`frcnn.precision` (standard library only) are imported at module level, so that
+the CPU-feature parser is testable without Keras.
 """
 
 import os
 import platform
+
+from frcnn.precision import BF16_CPU_FLAGS, cpu_flags
 
 # /proc/cpuinfo flags that decide which precisions run natively on an x86 CPU.
 FEATURE_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -16,7 +19,7 @@ def parse_cpuinfo(text):
     """``/proc/cpuinfo`` text -> ``{"model": str, "logical_cpus": int, "flags": {flag: bool}}`` for
     :data:`FEATURE_FLAGS`. The model name and flags come from the first processor block that has them (ARM's
     ``Features`` line counts as flags)."""
-    model, flags, count = None, None, 0
+    model, count = None, 0
     for line in text.splitlines():
         key, sep, value = line.partition(":")
         if not sep:
@@ -26,16 +29,14 @@ def parse_cpuinfo(text):
             count += 1
         elif key == "model name" and model is None:
             model = value.strip()
-        elif key in ("flags", "features") and flags is None:
-            flags = set(value.split())
-    flags = flags or set()
+    flags = cpu_flags(text)  # the flags as frcnn's train.mixed_precision=auto reads them
     return {"model": model or "unknown", "logical_cpus": count,
             "flags": {name: name in flags for name in FEATURE_FLAGS}}
 
 
 def native_bfloat16(cpu):
     """True when the CPU computes bfloat16 natively (AVX512_BF16 dot products or AMX-BF16 tiles)."""
-    return cpu["flags"]["avx512_bf16"] or cpu["flags"]["amx_bf16"]
+    return any(cpu["flags"].get(flag) for flag in BF16_CPU_FLAGS)
 
 
 def default_precisions(cpu, gpus):

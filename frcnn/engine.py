@@ -156,7 +156,9 @@ def _train(cfg, workdir, strategy, chief, verbose):
         # model.backbone_weights may name Detectron2 weights (R-50.pkl, a zoo detector): build_model loads them.
         model = build_model(cfg, load_weights=not resume)
         # train.jit_compile: XLA on the whole training step (every op of the model is keras.ops).
-        model.compile(optimizer=training.make_optimizer(cfg, steps), jit_compile=cfg.train.jit_compile)
+        # On JAX the step is always compiled (jax.jit: XLA); without it Keras would run the model op by op.
+        jit = cfg.train.jit_compile or keras.backend.backend() == "jax"
+        model.compile(optimizer=training.make_optimizer(cfg, steps), jit_compile=jit)
         if resume:
             # The step comes from the weights (state.json is checked against them): see restore_checkpoint.
             state = training.restore_checkpoint(model, checkpoint_dir, steps, state)

@@ -82,9 +82,9 @@ def test_frozen_batchnorm_computes_batchnorm_in_inference_mode(float32_policy):
 
 def test_bfloat16_detections_agree_with_float32(trained_shapes, tmp_path, float32_policy):
     """The trained small detector under mixed_bfloat16 finds what it finds in float32 (same weights): scored
-    against the float32 detections as ground truth, AP50 >= 0.9 and AP (0.5:0.95) >= 0.7. A cast in the wrong place
-    (boxes, deltas or RoIAlign's sample positions in bfloat16: coordinates off by up to a pixel) drops the AP at
-    the strict thresholds first."""
+    against the float32 detections as ground truth, AP50 >= 0.95 and AP (0.5:0.95) >= 0.9: boxes must agree at
+    strict IoU thresholds too, so box decoding or RoIAlign's sample positions computed in bfloat16 (coordinates
+    off by up to a pixel at this size) would show."""
     import dataclasses
 
     from frcnn import evaluation
@@ -102,6 +102,25 @@ def test_bfloat16_detections_agree_with_float32(trained_shapes, tmp_path, float3
     assert bf16.trunk.layers[2].compute_dtype == "bfloat16"
     detections = bf16.detect(images)
     assert all(d["boxes"].dtype == np.float32 and d["scores"].dtype == np.float32 for d in detections)
-    assert sum(int(np.sum(r["scores"] >= 0.5)) for r in reference) >= 10  # a meaningful comparison
-    metrics = evaluation.agreement(reference, detections, model.class_names[1:], [im.shape[:2] for im in images])
-    assert metrics["AP50"] >= 0.9 and metrics["AP"] >= 0.7, {k: metrics[k] for k in ("AP", "AP50", "AP75")}
+    # The small model's scores stay low (about 0.45 at most after its 300 steps): its detections above 0.2 are the
+    # reference (about 150 on these images when this test was written; AP50 0.997, AP 0.98 in bfloat16).
+    assert sum(int(np.sum(r["scores"] >= 0.2)) for r in reference) >= 20  # a meaningful comparison
+    metrics = evaluation.agreement(reference, detections, model.class_names[1:], [im.shape[:2] for im in images],
+                                   reference_min_score=0.2)
+    assert metrics["AP50"] >= 0.95 and metrics["AP"] >= 0.9, {k: metrics[k] for k in ("AP", "AP50", "AP75")}
+
+
+def test_auto_precision_follows_native_bfloat16():
+    from frcnn import precision
+
+    text = "processor\t: 0\nmodel name\t: X\nflags\t\t: fpu avx512f avx512_bf16 amx_tile\n\nprocessor\t: 1\n"
+    flags = precision.cpu_flags(text)
+    assert {"avx512f", "avx512_bf16", "amx_tile"} <= flags and "amx_bf16" not in flags
+    assert precision.native_bfloat16(flags, gpu_capabilities=[])[0]
+    assert not precision.native_bfloat16(frozenset({"avx512f", "avx2"}), gpu_capabilities=[])[0]
+    assert precision.native_bfloat16(frozenset(), gpu_capabilities=[(8, 0)])[0]  # A100
+    assert not precision.native_bfloat16(flags, gpu_capabilities=[(7, 0)])[0]  # V100: the GPU computes, not the CPU
+    assert precision.cpu_flags("no flags here") == frozenset()
+    expected = "mixed_bfloat16" if precision.native_bfloat16()[0] else "float32"
+    assert precision.resolve_policy("auto") == expected
+    assert precision.resolve_policy("off") == "float32"
