@@ -114,6 +114,18 @@ def build(cfg):
     return model
 
 
+def inference_model(model, cfg):
+    """The model as ``tools/infer.py``, ``evaluate.py`` and ``export.py`` run it (``frcnn.loading``): a copy with
+    the trained model's weights and its frozen BatchNorms folded into the convolutions (a no-op for other norms)."""
+    import frcnn
+
+    copy = frcnn.build_model(cfg, load_weights=False)
+    copy.set_weights(model.get_weights())
+    copy.fold_batchnorm()
+    copy.compile(jit_compile=cfg.train.jit_compile)
+    return copy
+
+
 def stage_tasks(model, batch, jit_compile):
     """``{stage: task}`` for :data:`STAGES`: each stage calls the model's part on the tensors the stage before it
     left in a shared dict, so the tasks must run in this order (once) before any of them is timed alone."""
@@ -164,14 +176,15 @@ def tasks(model, cfg, variant, sizes, split=True):
     the loss can become non-finite and the detections few, which says how much work NMS had."""
     batch, train_batch = synthetic_batches(cfg, sizes)
     seen = {"losses": [], "detections": []}
+    predictor = inference_model(model, cfg)  # inference and its stages: folded, as the tools run it
 
     def infer():
-        seen["detections"].append(float(np.mean(model.predict_on_batch(batch)["num_detections"])))
+        seen["detections"].append(float(np.mean(predictor.predict_on_batch(batch)["num_detections"])))
 
     def train():
         seen["losses"].append(float(model.train_on_batch(train_batch, return_dict=True)["loss"]))
 
     out = {"infer": infer, "train": train}
     if split:
-        out.update(stage_tasks(model, batch, variant.xla))
+        out.update(stage_tasks(predictor, batch, variant.xla))
     return out, seen
