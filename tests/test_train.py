@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from frcnn import engine
 from frcnn.config import load_config
 
