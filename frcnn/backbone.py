@@ -81,11 +81,9 @@ def fold_frozen_batchnorm(*models):
         for layer in model.layers:
             if not isinstance(layer, FrozenBatchNormalization) or layer.folded:
                 continue
-            inbound = layer._inbound_nodes[0].parent_nodes if layer._inbound_nodes else []
-            convs = [node.operation for node in inbound]
-            if len(convs) != 1 or not isinstance(convs[0], layers.Conv2D) or len(convs[0]._outbound_nodes) != 1:
-                continue  # not (only) fed by a convolution that feeds nothing else: nothing to fold into
-            conv = convs[0]
+            # Every norm here directly follows the convolution of the same name (``<name>_conv`` -> ``<name>_bn``,
+            # see _bottleneck and build_trunk); that convolution feeds nothing else.
+            conv = model.get_layer(layer.name[: -len("_bn")] + "_conv")
             gamma, beta, mean, var = (np.asarray(v, np.float64) for v in layer.get_weights())
             scale = gamma / np.sqrt(var + layer.epsilon)
             kernel, bias = (np.asarray(v, np.float64) for v in conv.get_weights())

@@ -88,7 +88,9 @@ class ROIHead(layers.Layer):
         self.res5 = TimeDistributed(build_res5(norm), name="res5")
         # avg: res5's map is averaged to 1x1 (Detectron2's C4 head; its checkpoints expect 2048 inputs). none: the
         # Dense layers see the whole ceil(P/2) x ceil(P/2) x 2048 map, where the object sits in the ROI included.
-        self.pool = TimeDistributed(layers.GlobalAveragePooling2D(keepdims=True), name="avg_pool") if pooling == "avg" else None
+        self.pool = None
+        if pooling == "avg":
+            self.pool = TimeDistributed(layers.GlobalAveragePooling2D(keepdims=True), name="avg_pool")
         self.flatten = TimeDistributed(layers.Flatten(), name="flatten")
         # Softmax and the box deltas are float32 under mixed precision: they feed the losses and box decoding.
         self.cls = TimeDistributed(

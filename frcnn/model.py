@@ -15,6 +15,7 @@ and sums them. Everything is ``keras.ops``, so ``train.jit_compile`` compiles th
 """
 
 import os
+import re
 import tempfile
 
 import keras
@@ -170,15 +171,8 @@ class FasterRCNN(keras.Model):
         results = []
         for start in range(0, len(images), batch_size):
             out = self.predict_on_batch(self.prepare_batch(images[start:start + batch_size]))
-            for j in range(len(out["num_detections"])):
-                n = int(out["num_detections"][j])
-                classes = np.asarray(out["classes"][j, :n], np.int32)
-                results.append({
-                    "boxes": np.asarray(out["boxes"][j, :n], np.float32),
-                    "scores": np.asarray(out["scores"][j, :n], np.float32),
-                    "classes": classes,
-                    "class_names": [self.class_names[c] for c in classes],
-                })
+            for det in unpad_detections(out):
+                results.append({**det, "class_names": [self.class_names[c] for c in det["classes"]]})
         return results
 
     def prepare_batch(self, images):
@@ -197,8 +191,9 @@ class FasterRCNN(keras.Model):
 
     def load_weights(self, filepath, skip_mismatch=False, **kwargs):
         """Keras' ``load_weights``; also reads ``.weights.h5`` checkpoints written before the model was split into
-        RPN and ROI parts (their variable paths are renamed on the fly)."""
-        legacy = _legacy_weights(filepath)
+        RPN and ROI parts, or before frozen norms were FrozenBatchNormalization layers (their variable paths are
+        renamed on the fly)."""
+        legacy = _legacy_weights(filepath, self.cfg.model.norm == "frozen")
         if legacy is None:
             return super().load_weights(filepath, skip_mismatch=skip_mismatch, **kwargs)
         try:
@@ -218,6 +213,21 @@ class FasterRCNN(keras.Model):
 
     def build_from_config(self, config):
         self.build_for_inference()
+
+
+def unpad_detections(out):
+    """The padded detections of one batch (``predict_on_batch``) -> one dict per image with its ``boxes``
+    (float32), ``scores`` (float32) and ``classes`` (int32) rows, plus ``image_id`` when the batch carried ids."""
+    results = []
+    for j in range(len(out["num_detections"])):
+        n = int(out["num_detections"][j])
+        det = {"boxes": np.asarray(out["boxes"][j, :n], np.float32),
+               "scores": np.asarray(out["scores"][j, :n], np.float32),
+               "classes": np.asarray(out["classes"][j, :n], np.int32)}
+        if "image_ids" in out:
+            det = {"image_id": int(out["image_ids"][j]), **det}
+        results.append(det)
+    return results
 
 
 def build_model(cfg, load_weights=True):
@@ -247,32 +257,38 @@ _LEGACY_PATHS = (
     ("layers/rpn_head/", "layers/rpn/head/"),
     ("layers/roi_head/", "layers/roi_heads/head/"),
 )
+# Keras names a layer's variables in a weights file after its class: frozen norms were plain BatchNormalization
+# layers before FrozenBatchNormalization (frcnn.backbone) existed. Same order, so the same counters.
+_PLAIN_BN = re.compile(r"(^|/)batch_normalization(_\d+)?(?=/)")
 
 
-def _legacy_weights(filepath):
-    """A temporary copy of an old-layout ``.weights.h5`` with today's variable paths, or None for any other file."""
+def _legacy_weights(filepath, frozen_norm):
+    """A temporary copy of an old-layout ``.weights.h5`` with today's variable paths, or None when the file needs
+    none (or is not a ``.weights.h5``). Old layouts: the RPN and ROI heads before they became parts, and (for a
+    model whose norms are frozen) frozen norms saved as plain BatchNormalization."""
     path = os.fspath(filepath)
     if not path.endswith(".weights.h5") or not os.path.isfile(path):
         return None
     import h5py
 
     with h5py.File(path, "r") as f:
-        if "layers/rpn_head" not in f:
+        names = []
+        f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+        parts = "layers/rpn_head" in f
+        norms = frozen_norm and any(_PLAIN_BN.search(name) for name in names)
+        if not (parts or norms):
             return None
         fd, tmp = tempfile.mkstemp(suffix=".weights.h5")  # not beside the checkpoint: its folder may be read-only
         os.close(fd)
         with h5py.File(tmp, "w") as out:
             for key, value in f.attrs.items():
                 out.attrs[key] = value
-
-            def copy(name, obj):
-                if not isinstance(obj, h5py.Dataset):
-                    return
+            for name in names:
                 new = name
                 for old, prefix in _LEGACY_PATHS:
-                    if name.startswith(old):
-                        new = prefix + name[len(old):]
-                out.create_dataset(new, data=obj[()])
-
-            f.visititems(copy)
+                    if new.startswith(old):
+                        new = prefix + new[len(old):]
+                if norms:
+                    new = _PLAIN_BN.sub(r"\1frozen_batch_normalization\2", new)
+                out.create_dataset(new, data=f[name][()])
     return tmp

@@ -21,17 +21,9 @@ import tensorflow as tf
 from keras import ops
 
 
-def resize_params(height, width, min_size, max_size):
-    """``(scale, new_height, new_width)`` for an image of ``height x width``: shorter side ``min_size``, longer at
-    most ``max_size``. Pure Python, float64."""
-    scale = min(min_size / min(height, width), max_size / max(height, width))
-    new_h = max(1, min(int(math.floor(height * scale + 0.5)), max_size))
-    new_w = max(1, min(int(math.floor(width * scale + 0.5)), max_size))
-    return scale, new_h, new_w
-
-
 def resize_params_tf(height, width, min_size, max_size):
-    """:func:`resize_params` as TensorFlow graph ops (float64, the same numbers): ``(scale float32, (2,) int32)``."""
+    """The resize rule: ``(scale float32, (2,) int32 new (height, width))`` for an image of ``height x width``:
+    shorter side ``min_size``, longer at most ``max_size``; computed in float64 (graph ops, also usable eagerly)."""
     h, w = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
     min_size, max_size = tf.cast(min_size, tf.float64), tf.cast(max_size, tf.float64)
     scale = tf.minimum(min_size / tf.minimum(h, w), max_size / tf.maximum(h, w))
@@ -55,10 +47,10 @@ def prepare_batch(images, input_cfg):
     float32 and ``original_sizes`` (B, 2) int32."""
     resized, sizes, scales = [], [], []
     for image in images:
-        scale, nh, nw = resize_params(image.shape[0], image.shape[1], input_cfg.test_min_size, input_cfg.max_size)
-        resized.append(resize_image(image, (nh, nw)).numpy())
-        sizes.append((nh, nw))
-        scales.append(scale)
+        scale, size = resize_params_tf(image.shape[0], image.shape[1], input_cfg.test_min_size, input_cfg.max_size)
+        resized.append(resize_image(image, size).numpy())
+        sizes.append(tuple(int(v) for v in size.numpy()))
+        scales.append(float(scale))
     if input_cfg.fixed_size:
         ph = pw = padded_side(input_cfg.size_divisibility, input_cfg.max_size)
     else:

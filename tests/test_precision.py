@@ -124,3 +124,28 @@ def test_auto_precision_follows_native_bfloat16():
     expected = "mixed_bfloat16" if precision.native_bfloat16()[0] else "float32"
     assert precision.resolve_policy("auto") == expected
     assert precision.resolve_policy("off") == "float32"
+
+
+def test_checkpoints_from_plain_batchnorm_frozen_norms_still_load(tmp_path, float32_policy):
+    """Keras names a layer's variables in a weights file after its class: checkpoints written when the frozen norms
+    were plain BatchNormalization layers (``.../batch_normalization_7/vars/0``) load into FrozenBatchNormalization."""
+    import re
+
+    import h5py
+
+    cfg = load_config("test.yaml", [CLASSES, "model.norm=frozen", "model.score_thresh=0.0"])
+    model = frcnn.build_model(cfg, load_weights=False)
+    _randomise_norms(model, np.random.default_rng(3))
+    path, old = str(tmp_path / "new.weights.h5"), str(tmp_path / "old.weights.h5")
+    model.save_weights(path)
+    with h5py.File(path, "r") as f, h5py.File(old, "w") as out:
+        names = []
+        f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+        renamed = [re.sub(r"frozen_batch_normalization", "batch_normalization", name) for name in names]
+        assert renamed != names
+        for name, new in zip(names, renamed):
+            out.create_dataset(new, data=f[name][()])
+    fresh = frcnn.build_model(cfg, load_weights=False)
+    fresh.load_weights(old)
+    for a, b in zip(model.get_weights(), fresh.get_weights()):
+        np.testing.assert_array_equal(a, b)

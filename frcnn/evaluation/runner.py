@@ -14,6 +14,7 @@ import numpy as np
 from frcnn import data as data_lib
 from frcnn.evaluation.metrics import category_id_list, evaluate
 from frcnn.evaluation.results import write_evaluation_files
+from frcnn.model import unpad_detections
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +30,9 @@ def detect_records(model, cfg, records, max_images=None, verbose=1):
     detections = []
     for batch in dataset:
         out = model.predict_on_batch(batch)  # detections in original pixels (the batch has scales)
-        for j in range(len(out["num_detections"])):
-            n = int(out["num_detections"][j])
-            detections.append({
-                "image_id": int(out["image_ids"][j]),
-                "boxes": np.asarray(out["boxes"][j, :n], np.float32),
-                "scores": np.asarray(out["scores"][j, :n], np.float32),
-                "classes": np.asarray(out["classes"][j, :n], np.int32),
-            })
-        progress.add(len(out["num_detections"]))
+        images = unpad_detections(out)
+        detections.extend(images)
+        progress.add(len(images))
     return detections
 
 
