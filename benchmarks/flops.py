@@ -66,8 +66,9 @@ def count(model, padded_shape, batch, proposals, rois):
     """FLOPs of ``model`` (a built ``FasterRCNN``) for ``batch`` images padded to ``padded_shape = (H, W)``:
     inference with ``proposals`` ROIs per image and a training step with ``rois`` sampled ROIs per image.
 
-    Returns ``{"inference": {stage: FLOPs, "total"}, "train": {"forward", "backward", "total"}, "per_roi": {...},
-    "feature_shape": [h, w, C]}``; all FLOPs for the whole batch."""
+    Returns ``{"inference": {stage: FLOPs, "total"}, "train": {"forward", "backward", "total"}, "train_stages":
+    {stage: forward + backward FLOPs}, "per_roi": {...}, "feature_shape": [h, w, C]}``; all FLOPs for the whole
+    batch."""
     height, width = (int(d) for d in padded_shape)
     trunk = functional_costs(model.trunk, (1, height, width, 3))
     feature = tuple(int(d) for d in model.trunk.compute_output_shape((1, height, width, 3))[1:])
@@ -97,10 +98,14 @@ def count(model, padded_shape, batch, proposals, rois):
     rpn_back, _ = backward_macs(rpn, trunk_trains)
     align_back = roi_align_macs(rois, pool, *feature) if trunk_trains else 0
     head_back, _ = backward_macs(res5 + dense, trunk_trains)
-    backward = 2 * batch * (trunk_back + rpn_back + align_back + rois * head_back)
+    backward = {"trunk": trunk_back, "rpn_head": rpn_back, "roi_align": align_back, "roi_head": rois * head_back}
+    backward = {stage: 2 * batch * macs for stage, macs in backward.items()}
+    train_stages = {stage: flop + backward[stage] for stage, flop in forward(rois).items()}
     return {
         "inference": inference,
-        "train": {"forward": train_forward, "backward": backward, "total": train_forward + backward},
+        "train": {"forward": train_forward, "backward": sum(backward.values()),
+                  "total": train_forward + sum(backward.values())},
+        "train_stages": train_stages,
         "per_roi": {"roi_head": 2 * per_roi, "res5": 2 * sum(m for m, _ in res5)},
         "feature_shape": list(feature),
     }

@@ -162,6 +162,55 @@ def compile_fn(fn, variables, jit_compile):
     return fn
 
 
+def gradient_fn(fn, variables, jit_compile, wrt_input=True):
+    """The backward pass of ``fn(x, *rest)`` as one compiled function of the current backend: it returns the
+    gradients of the float32 sum of ``fn``'s outputs with respect to ``variables`` and, when ``wrt_input``, ``x``.
+
+    What a training step computes for one part of the model (its forward pass, its weight gradients and, when
+    something before it trains, the gradient it sends back), compiled as :func:`compile_fn` compiles the forward
+    pass: ``tf.function`` with ``tf.GradientTape`` (XLA when ``jit_compile``), ``jax.jit`` of ``jax.grad`` over a
+    pure function that reads ``variables`` through ``keras.StatelessScope``, or eager ``torch.autograd.grad``.
+    """
+    import keras
+    from keras import ops
+
+    backend = keras.backend.backend()
+    variables = list(variables)
+
+    def total(out):
+        return sum(ops.sum(ops.cast(o, "float32")) for o in keras.tree.flatten(out))
+
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        def grads(x, *rest):
+            with tf.GradientTape() as tape:
+                if wrt_input:
+                    tape.watch(x)
+                loss = total(fn(x, *rest))
+            return tape.gradient(loss, ([x] if wrt_input else []) + variables)
+
+        return tf.function(grads, jit_compile=bool(jit_compile))
+    if backend == "jax":
+        import jax
+
+        def pure(values, x, *rest):
+            with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                return total(fn(x, *rest))
+
+        jitted = jax.jit(jax.grad(pure, argnums=(0, 1) if wrt_input else 0))
+        return lambda x, *rest: jitted([v.value for v in variables], x, *rest)
+    import torch
+
+    def grads(x, *rest):
+        if wrt_input:
+            x = x.detach().requires_grad_(True)
+        targets = ([x] if wrt_input else []) + [v.value for v in variables]
+        return torch.autograd.grad(total(fn(x, *rest)), targets, allow_unused=True)
+
+    return grads
+
+
 def matmul_task(size, dtype, jit_compile=False):
     """A task timing ``size x size @ size x size`` in ``dtype`` (compiled, summed in float32 so that only a scalar
     comes back) and the FLOPs of one call, ``2 * size**3``."""

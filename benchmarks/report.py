@@ -3,7 +3,7 @@ table, notes) and the JSON file. Pure formatting: no Keras, no timing."""
 
 import json
 
-from benchmarks.workload import STAGES
+from benchmarks.workload import STAGES, TRAIN_STAGES
 
 # (key, header) of the main table, in order.
 COLUMNS = (
@@ -37,6 +37,8 @@ def summarize(variant, timings, flops, batch, matmul):
     row["peak_device_infer_mb"] = _peak(infer, "device_mb")
     row["peak_device_train_mb"] = _peak(train, "device_mb")
     row["split"] = {stage: timings[stage]["median"] for stage in STAGES if stage in timings} or None
+    row["train_split"] = {stage: timings[f"train:{stage}"]["median"] for stage in TRAIN_STAGES
+                          if f"train:{stage}" in timings} or None
     row["runs"] = {task: t["runs"] for task, t in timings.items()}
     row["first_call_s"] = {task: t["warmup"][0] for task, t in timings.items() if t["warmup"]}
     return row
@@ -107,6 +109,31 @@ def split_table(rows, flops, batch):
     return table(headers, cells + [sums, whole])
 
 
+def train_split_table(rows, flops):
+    """Per-stage seconds per training step (forward + backward of each part alone) and GFLOP/s for every variant
+    that has a training split, with the rest of the step (targets, proposals, losses, update) by difference;
+    ``None`` when none has."""
+    rows = [r for r in rows if r.get("train_split")]
+    if not rows:
+        return None
+    stage_flops = flops.get("train_stages", {})
+    headers = ["stage", "GFLOP/step"] + [h for r in rows for h in (f"{r['name']} s/step", "GFLOP/s")]
+    cells = []
+    for stage in TRAIN_STAGES:
+        cell = [stage, fmt(stage_flops[stage] / 1e9) if stage in stage_flops else "-"]
+        for r in rows:
+            seconds = r["train_split"].get(stage)
+            rate = stage_flops[stage] / seconds / 1e9 if seconds and stage in stage_flops else None
+            cell += [fmt(seconds), fmt(rate)]
+        cells.append(cell)
+    rest, whole = ["rest of the step (by difference)", ""], ["whole train step", fmt(flops["train"]["total"] / 1e9)]
+    for r in rows:
+        parts = sum(r["train_split"].values())
+        rest += [fmt(r["train_s"] - parts if r.get("train_s") else None), ""]
+        whole += [fmt(r.get("train_s")), fmt(r.get("train_gflops"))]
+    return table(headers, cells + [rest, whole])
+
+
 def render(results):
     m, s, flops = results["machine"], results["settings"], results.get("flops")
     cpu = m["cpu"]
@@ -140,6 +167,10 @@ def render(results):
     if split:
         out += ["", "Inference by stage (each stage its own compiled function on the previous stage's outputs):",
                 split]
+    train_split = train_split_table(results["variants"], flops) if flops else None
+    if train_split:
+        out += ["", "Training step by stage (forward and backward of each part alone, in training mode, its own "
+                    "compiled function):", train_split]
     for note in results.get("notes", []):
         out.append(f"note: {note}")
     out.append(f"wall time {results['wall_s']:.0f} s")

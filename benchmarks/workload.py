@@ -8,7 +8,10 @@ variant:
 - ``train``: ``model.train_on_batch`` (Keras' compiled train step, what ``fit`` runs) on the same images with random
   ground-truth boxes, optimizer from ``frcnn.training.make_optimizer``;
 - one task per inference stage (:data:`STAGES`): the model's own parts called on the previous stage's outputs,
-  each compiled on its own (:func:`benchmarks.measure.compile_fn`, XLA when the variant has it).
+  each compiled on its own (:func:`benchmarks.measure.compile_fn`, XLA when the variant has it);
+- one task per training stage (:data:`TRAIN_STAGES`, named ``train:<stage>``): that part's forward and backward
+  pass in training mode (:func:`benchmarks.measure.gradient_fn`), on the training batch's features and
+  ``sizes.rois`` random ROIs per image.
 """
 
 import dataclasses
@@ -18,6 +21,9 @@ import numpy as np
 from benchmarks import measure
 
 STAGES = ("trunk", "rpn_head", "proposals", "roi_align", "roi_head", "detections")
+# Parts of a training step timed alone, forward and backward (the rest of a step: anchor and ROI targets, proposals,
+# losses and the optimizer update).
+TRAIN_STAGES = ("trunk", "rpn_head", "roi_align", "roi_head")
 COMPUTE_DTYPE = {"float32": "float32", "mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}
 
 
@@ -170,8 +176,46 @@ def stage_tasks(model, batch, jit_compile):
     return {name: task(fn, inputs, outputs) for name, fn, inputs, outputs in spec}
 
 
+def train_stage_tasks(model, train_batch, rois_per_image, jit_compile, seed=0):
+    """``{"train:<stage>": task}`` for :data:`TRAIN_STAGES`: forward and backward of each part of ``model`` (in
+    training mode) as a training step runs it: weight gradients of the part, and the gradient with respect to its
+    input wherever the trunk trains (the images get none). Inputs are computed once: the normalised images, the
+    trunk's features and ``rois_per_image`` random boxes per image (the ROI count of a training step)."""
+    from keras import ops
+
+    from frcnn import transform
+
+    rpn, heads, i = model.rpn, model.roi_heads, model.cfg.input
+    image_sizes = ops.convert_to_tensor(train_batch["image_sizes"].astype(np.int32))
+    images = transform.normalize(ops.convert_to_tensor(train_batch["images"]), image_sizes, i.pixel_mean,
+                                 i.pixel_std, i.channel_order)
+    features = model.trunk(images, training=True)
+    batch, height, width = (int(d) for d in train_batch["images"].shape[:3])
+    rng = np.random.default_rng(seed)
+    size = rng.uniform(0.05, 0.5, (batch, rois_per_image, 2)) * [width, height]
+    corner = rng.uniform(0.0, 1.0, size.shape) * ([width, height] - size)
+    rois = ops.convert_to_tensor(np.concatenate([corner, corner + size], -1).astype(np.float32))
+    pooled = heads.pooler([features, rois])
+    trunk_trains = bool(model.trunk.trainable_weights)
+    # (stage, function, its first argument, further arguments, trainable variables)
+    spec = (
+        ("trunk", lambda x: model.trunk(x, training=True), images, (), model.trunk.trainable_weights),
+        ("rpn_head", lambda f: rpn.head(f), features, (), rpn.head.trainable_weights),
+        ("roi_align", lambda f, r: heads.pooler([f, r]), features, (rois,), ()),
+        ("roi_head", lambda x: heads.head(x, training=True), pooled, (), heads.head.trainable_weights),
+    )
+
+    def task(name, fn, x, rest, variables):
+        wrt_input = name != "trunk" and trunk_trains
+        compiled = measure.gradient_fn(fn, variables, jit_compile, wrt_input=wrt_input)
+        return lambda: measure.block(compiled(x, *rest))
+
+    return {f"train:{name}": task(name, fn, x, rest, variables) for name, fn, x, rest, variables in spec}
+
+
 def tasks(model, cfg, variant, sizes, split=True):
-    """``({task: fn}, seen)`` of one variant, in running order: ``infer``, ``train``, then the stages. ``seen``
+    """``({task: fn}, seen)`` of one variant, in running order: ``infer``, ``train``, then the inference stages and
+    the training stages. ``seen``
     records the training loss of every step and the detections per image of every inference: with random weights
     the loss can become non-finite and the detections few, which says how much work NMS had."""
     batch, train_batch = synthetic_batches(cfg, sizes)
@@ -187,4 +231,5 @@ def tasks(model, cfg, variant, sizes, split=True):
     out = {"infer": infer, "train": train}
     if split:
         out.update(stage_tasks(predictor, batch, variant.xla))
+        out.update(train_stage_tasks(model, train_batch, sizes.rois, variant.xla))
     return out, seen

@@ -100,11 +100,13 @@ def _results():
                      "rois": 128, "batch": 1, "padded": [608, 1024], "warmup": 1, "repeats": 3,
                      "matmul_size": 2048},
         "flops": {"inference": {"trunk": 2e9, "rpn_head": 1e9, "roi_align": 1e9, "roi_head": 6e9, "total": 10e9},
-                  "train": {"forward": 5e9, "backward": 10e9, "total": 15e9}, "feature_shape": [38, 64, 1024]},
+                  "train": {"forward": 5e9, "backward": 10e9, "total": 15e9}, "feature_shape": [38, 64, 1024],
+                  "train_stages": {"trunk": 3e9, "rpn_head": 2e9, "roi_align": 1e9, "roi_head": 8e9}},
         "variants": [
             {"name": "float32", "status": None, "infer_s": 2.0, "infer_gflops": 5.0, "train_s": 3.0,
              "train_gflops": 5.0, "matmul_gflops": 50.0, "infer_vs_matmul": 0.1, "train_vs_matmul": 0.1,
-             "peak_infer_mb": 3100.0, "peak_train_mb": 3300.0, "split": split},
+             "peak_infer_mb": 3100.0, "peak_train_mb": 3300.0, "split": split,
+             "train_split": {stage: 0.5 for stage in workload.TRAIN_STAGES}},
             {"name": "mixed_float16", "status": "n/a (ValueError: no kernel)"},
         ],
         "memory_note": "memory: peak RSS", "notes": ["a note"], "load_average_end": 2.0, "wall_s": 12.0,
@@ -122,9 +124,15 @@ def test_report_prints_header_table_split_and_notes():
     assert cells[1:4] == ["2", "5", "3"] and cells[6] == "10%" and cells[8] == "3,100"
     assert any(line.startswith("| mixed_float16 ") and "n/a (ValueError: no kernel)" in line for line in lines)
     assert "inference 10.0 G per batch" in text and "train step 15.0 G (forward 5.0, backward 10.0)" in text
-    stage_rows = [line for line in lines if line.split("|")[1:2] and line.split("|")[1].strip() in workload.STAGES]
+    inference_part = text.split("Inference by stage")[1].split("Training step by stage")[0].splitlines()
+    stage_rows = [line for line in inference_part
+                  if line.split("|")[1:2] and line.split("|")[1].strip() in workload.STAGES]
     assert len(stage_rows) == len(workload.STAGES)
     assert "| roi_head " in text and "60" in next(line for line in stage_rows if "roi_head" in line)  # 6 G / 0.1 s
+    train_rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+                  for line in text.split("Training step by stage")[1].splitlines() if line.startswith("| ")}
+    assert train_rows["roi_head"][1:4] == ["8", "0.5", "16"]  # 8 GFLOP in 0.5 s
+    assert train_rows["rest of the step (by difference)"][2] == "1"  # 3 s step - 4 x 0.5 s
     assert "note: a note" in text and lines[-1] == "wall time 12 s"
     assert report.fmt(None) == "-" and report.fmt(1234.5) == "1,234" and report.fmt(0.012345) == "0.0123"
 
@@ -143,9 +151,12 @@ def test_tiny_end_to_end_run_fills_every_field(tmp_path, capsys):
                 "train_vs_matmul", "peak_infer_mb", "peak_train_mb"):
         assert isinstance(row[key], float) and math.isfinite(row[key]) and row[key] > 0, (key, row[key])
     assert set(row["split"]) == set(workload.STAGES) and all(v > 0 for v in row["split"].values())
+    assert set(row["train_split"]) == set(workload.TRAIN_STAGES) and all(v > 0 for v in row["train_split"].values())
+    assert "Training step by stage" in printed
     f = results["flops"]
     assert f["inference"]["total"] == sum(v for k, v in f["inference"].items() if k != "total")
     assert f["train"]["backward"] > f["train"]["forward"] > 0
+    assert sum(f["train_stages"].values()) == f["train"]["total"]
     assert results["settings"]["padded"] == [64, 64]
     assert set(results["machine"]["cpu"]["flags"]) == set(machine.FEATURE_FLAGS)
     assert json.loads(out_json.read_text())["variants"][0]["name"] == "float32"
