@@ -22,6 +22,8 @@ import keras
 import numpy as np
 from keras import layers
 
+from frcnn import ops as frcnn_ops
+
 log = logging.getLogger(__name__)
 
 BN_EPSILON = 1.001e-5  # keras.applications' value, so ImageNet statistics mean the same thing
@@ -95,6 +97,51 @@ def fold_frozen_batchnorm(*models):
     return folded
 
 
+@keras.saving.register_keras_serializable(package="frcnn")
+class Conv2D(layers.Conv2D):
+    """``keras.layers.Conv2D`` (the same variables, the same outputs), optionally computed in training as matrix
+    products.
+
+    With ``matmul_form`` (the ROI head's res5: many small maps, ROIs x 7 x 7), a training call computes 1x1
+    convolutions as :func:`frcnn.ops.pointwise_conv`, a matrix product over channels in both directions, and
+    stride-1 "same" convolutions of static size with the backend's forward pass and input gradient but their kernel
+    gradient as one matrix product (:func:`frcnn.ops.conv_with_matmul_kernel_grad`). Why: on a CPU with native
+    bfloat16, oneDNN's bfloat16 kernel gradient for such shapes ran at a third of the rate of its forward pass and of
+    a matrix product (docs/NOTES.md). Inference keeps Keras' convolution, which the backend fuses with the bias and
+    the activation (faster there); so does the trunk, whose few large maps have a fast kernel gradient.
+
+    The class keeps Keras' name so that checkpoints name its variables as before (Keras derives weight-file paths
+    from the class name).
+    """
+
+    def __init__(self, *args, matmul_form=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.matmul_form = bool(matmul_form)
+
+    def call(self, inputs, training=None):
+        outputs = self._matmul_convolution(inputs) if training and self.matmul_form else None
+        if outputs is None:
+            return super().call(inputs)
+        if self.use_bias:
+            outputs = outputs + self.bias
+        return self.activation(outputs) if self.activation is not None else outputs
+
+    def _matmul_convolution(self, inputs):
+        """The convolution in matrix-product form, or ``None`` where this layer's settings have none."""
+        if self.data_format != "channels_last" or self.groups != 1 or max(self.dilation_rate) != 1:
+            return None
+        size, strides = tuple(self.kernel_size), tuple(self.strides)
+        if size == (1, 1) and strides[0] == strides[1]:
+            return frcnn_ops.pointwise_conv(inputs, self.kernel, strides[0])
+        static = inputs.shape[1] is not None and inputs.shape[2] is not None
+        if static and strides == (1, 1) and self.padding == "same" and size[0] == size[1] and size[0] % 2 == 1:
+            return frcnn_ops.conv_with_matmul_kernel_grad(inputs, self.kernel)
+        return None
+
+    def get_config(self):
+        return {**super().get_config(), "matmul_form": self.matmul_form}
+
+
 def _norm(kind, name, zero_init=False):
     gamma = "zeros" if zero_init else "ones"
     if kind == "group":
@@ -104,38 +151,37 @@ def _norm(kind, name, zero_init=False):
     return layers.BatchNormalization(axis=-1, epsilon=BN_EPSILON, gamma_initializer=gamma, name=name)
 
 
-def _conv(filters, kernel, name, strides=1, padding="valid"):
-    return layers.Conv2D(
-        filters, kernel, strides=strides, padding=padding, kernel_initializer="he_normal", name=name
-    )
+def _conv(filters, kernel, name, strides=1, padding="valid", per_roi=False):
+    return Conv2D(filters, kernel, strides=strides, padding=padding, kernel_initializer="he_normal",
+                  matmul_form=per_roi, name=name)
 
 
-def _bottleneck(x, filters, stride, shortcut_conv, name, norm):
+def _bottleneck(x, filters, stride, shortcut_conv, name, norm, per_roi=False):
     # Zero-initialised last norm gamma makes each residual block start as the identity: the standard trick that
     # lets a deep ResNet train from scratch. Only for norms that train; frozen ones keep gamma = 1.
     zero_last = norm != "frozen"
     if shortcut_conv:
-        shortcut = _conv(4 * filters, 1, name + "_0_conv", strides=stride)(x)
+        shortcut = _conv(4 * filters, 1, name + "_0_conv", strides=stride, per_roi=per_roi)(x)
         shortcut = _norm(norm, name + "_0_bn")(shortcut)
     else:
         shortcut = x
-    x = _conv(filters, 1, name + "_1_conv", strides=stride)(x)
+    x = _conv(filters, 1, name + "_1_conv", strides=stride, per_roi=per_roi)(x)
     x = _norm(norm, name + "_1_bn")(x)
     x = layers.Activation("relu", name=name + "_1_relu")(x)
-    x = _conv(filters, 3, name + "_2_conv", padding="same")(x)
+    x = _conv(filters, 3, name + "_2_conv", padding="same", per_roi=per_roi)(x)
     x = _norm(norm, name + "_2_bn")(x)
     x = layers.Activation("relu", name=name + "_2_relu")(x)
-    x = _conv(4 * filters, 1, name + "_3_conv")(x)
+    x = _conv(4 * filters, 1, name + "_3_conv", per_roi=per_roi)(x)
     x = _norm(norm, name + "_3_bn", zero_init=zero_last)(x)
     x = layers.Add(name=name + "_add")([shortcut, x])
     return layers.Activation("relu", name=name + "_out")(x)
 
 
-def _stage(x, stage, norm):
+def _stage(x, stage, norm, per_roi=False):
     name, filters, blocks, stride = stage
-    x = _bottleneck(x, filters, stride, True, f"{name}_block1", norm)
+    x = _bottleneck(x, filters, stride, True, f"{name}_block1", norm, per_roi)
     for i in range(2, blocks + 1):
-        x = _bottleneck(x, filters, 1, False, f"{name}_block{i}", norm)
+        x = _bottleneck(x, filters, 1, False, f"{name}_block{i}", norm, per_roi)
     return x
 
 
@@ -162,9 +208,11 @@ def build_trunk(norm="frozen", freeze_at=2):
 
 
 def build_res5(norm="frozen"):
-    """The res5 stage (``conv5`` blocks): ``(n, P, P, 1024) -> (n, ceil(P/2), ceil(P/2), 2048)``, one ROI per sample."""
+    """The res5 stage (``conv5`` blocks): ``(n, P, P, 1024) -> (n, ceil(P/2), ceil(P/2), 2048)``, one ROI per sample.
+
+    Its 3x3 convolutions take their kernel gradient as a matrix product (:class:`Conv2D`): many small maps."""
     inputs = keras.Input((None, None, TRUNK_CHANNELS), name="roi_features")
-    return keras.Model(inputs, _stage(inputs, STAGES[3], norm), name="resnet50_res5")
+    return keras.Model(inputs, _stage(inputs, STAGES[3], norm, per_roi=True), name="resnet50_res5")
 
 
 def _imagenet_source(weights):
