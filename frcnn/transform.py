@@ -74,7 +74,7 @@ def normalize(images, image_sizes, pixel_mean, pixel_std, channel_order="bgr"):
     normalisation, so padding looks like an average pixel rather than a dark border."""
     images = ops.cast(images, "float32")
     if channel_order == "bgr":
-        images = images[..., ::-1]
+        images = ops.flip(images, axis=-1)  # not [..., ::-1]: PyTorch tensors take no negative step
     mean = ops.convert_to_tensor(np.asarray(pixel_mean, np.float32))
     inv_std = ops.convert_to_tensor(1.0 / np.asarray(pixel_std, np.float32))
     shape = ops.shape(images)
