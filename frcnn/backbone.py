@@ -210,7 +210,8 @@ def build_trunk(norm="frozen", freeze_at=2):
 def build_res5(norm="frozen"):
     """The res5 stage (``conv5`` blocks): ``(n, P, P, 1024) -> (n, ceil(P/2), ceil(P/2), 2048)``, one ROI per sample.
 
-    Its 3x3 convolutions take their kernel gradient as a matrix product (:class:`Conv2D`): many small maps."""
+    Many small maps (one per ROI): in training its convolutions are computed as matrix products (:class:`Conv2D`
+    with ``matmul_form``); in inference they are Keras' own."""
     inputs = keras.Input((None, None, TRUNK_CHANNELS), name="roi_features")
     return keras.Model(inputs, _stage(inputs, STAGES[3], norm, per_roi=True), name="resnet50_res5")
 
