@@ -151,15 +151,25 @@ def compile_fn(fn, variables, jit_compile):
     if backend == "jax":
         import jax
 
-        variables = list(variables)
-
-        def pure(values, *args):
-            with keras.StatelessScope(state_mapping=list(zip(variables, values))):
-                return fn(*args)
-
+        pure, values = _stateless(fn, variables)
         jitted = jax.jit(pure)
-        return lambda *args: jitted([v.value for v in variables], *args)
+        return lambda *args: jitted(values(), *args)
     return fn
+
+
+def _stateless(fn, variables):
+    """``(pure, values)`` for JAX: ``pure(values, *args)`` calls ``fn(*args)`` reading ``variables`` from its first
+    argument through ``keras.StatelessScope`` (as Keras' own JAX trainer does, so that the weights are arguments of
+    the compiled program, not constants baked into it); ``values()`` gives their current values."""
+    import keras
+
+    variables = list(variables)
+
+    def pure(values, *args):
+        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+            return fn(*args)
+
+    return pure, lambda: [v.value for v in variables]
 
 
 def gradient_fn(fn, variables, jit_compile, wrt_input=True):
@@ -168,8 +178,8 @@ def gradient_fn(fn, variables, jit_compile, wrt_input=True):
 
     What a training step computes for one part of the model (its forward pass, its weight gradients and, when
     something before it trains, the gradient it sends back), compiled as :func:`compile_fn` compiles the forward
-    pass: ``tf.function`` with ``tf.GradientTape`` (XLA when ``jit_compile``), ``jax.jit`` of ``jax.grad`` over a
-    pure function that reads ``variables`` through ``keras.StatelessScope``, or eager ``torch.autograd.grad``.
+    pass: ``tf.function`` with ``tf.GradientTape`` (XLA when ``jit_compile``), ``jax.jit`` of ``jax.grad`` over the
+    pure function of :func:`_stateless`, or eager ``torch.autograd.grad``.
     """
     import keras
     from keras import ops
@@ -194,12 +204,9 @@ def gradient_fn(fn, variables, jit_compile, wrt_input=True):
     if backend == "jax":
         import jax
 
-        def pure(values, x, *rest):
-            with keras.StatelessScope(state_mapping=list(zip(variables, values))):
-                return total(fn(x, *rest))
-
+        pure, values = _stateless(lambda *args: total(fn(*args)), variables)
         jitted = jax.jit(jax.grad(pure, argnums=(0, 1) if wrt_input else 0))
-        return lambda x, *rest: jitted([v.value for v in variables], x, *rest)
+        return lambda x, *rest: jitted(values(), x, *rest)
     import torch
 
     def grads(x, *rest):

@@ -94,20 +94,35 @@ def synthetic_batches(cfg, sizes, seed=0):
     images = [rng.integers(0, 256, (sizes.min_size, sizes.max_size, 3), dtype=np.uint8) for _ in range(sizes.batch)]
     batch = transform.prepare_batch(images, cfg.input)
     max_gt, num_gt = cfg.input.max_gt, min(3, cfg.input.max_gt)
-    heights, widths = (batch["image_sizes"][:, k, None].astype(np.float32) for k in (0, 1))
-    w = rng.uniform(0.15, 0.6, (sizes.batch, max_gt)) * widths
-    h = rng.uniform(0.15, 0.6, (sizes.batch, max_gt)) * heights
-    x1 = rng.uniform(0.0, 1.0, w.shape) * (widths - w)
-    y1 = rng.uniform(0.0, 1.0, h.shape) * (heights - h)
+    boxes = random_boxes(rng, batch["image_sizes"], max_gt, 0.15, 0.6)
     valid = np.arange(max_gt)[None, :] < num_gt
     train = dict(
         batch,
-        gt_boxes=np.where(valid[..., None], np.stack([x1, y1, x1 + w, y1 + h], -1), 0.0).astype(np.float32),
+        gt_boxes=np.where(valid[..., None], boxes, 0.0).astype(np.float32),
         gt_classes=np.where(valid, rng.integers(1, cfg.num_classes, valid.shape), 0).astype(np.int32),
         gt_valid=np.repeat(valid, sizes.batch, axis=0),
         image_ids=np.arange(sizes.batch, dtype=np.int64),
     )
     return batch, train
+
+
+def random_boxes(rng, image_sizes, count, low, high):
+    """``(B, count, 4)`` float32 ``(x1, y1, x2, y2)`` boxes inside each image of ``image_sizes`` (``(B, 2)`` height,
+    width), each side a uniform ``low..high`` fraction of the image's."""
+    heights, widths = (np.asarray(image_sizes)[:, k, None].astype(np.float32) for k in (0, 1))
+    w = rng.uniform(low, high, (len(widths), count)) * widths
+    h = rng.uniform(low, high, (len(heights), count)) * heights
+    x1 = rng.uniform(0.0, 1.0, w.shape) * (widths - w)
+    y1 = rng.uniform(0.0, 1.0, h.shape) * (heights - h)
+    return np.stack([x1, y1, x1 + w, y1 + h], -1).astype(np.float32)
+
+
+def normalized(model, images, image_sizes):
+    """``images`` normalised as the model's own forward pass does it, ready for its trunk."""
+    from frcnn import transform
+
+    i = model.cfg.input
+    return transform.normalize(images, image_sizes, i.pixel_mean, i.pixel_std, i.channel_order)
 
 
 def build(cfg):
@@ -137,13 +152,10 @@ def stage_tasks(model, batch, jit_compile):
     left in a shared dict, so the tasks must run in this order (once) before any of them is timed alone."""
     from keras import ops
 
-    from frcnn import transform
-
-    rpn, heads, i = model.rpn, model.roi_heads, model.cfg.input
+    rpn, heads = model.rpn, model.roi_heads
 
     def trunk(images, image_sizes):
-        images = transform.normalize(images, image_sizes, i.pixel_mean, i.pixel_std, i.channel_order)
-        return model.trunk(images, training=False)
+        return model.trunk(normalized(model, images, image_sizes), training=False)
 
     def proposals(features, logits, deltas, image_sizes):
         shape = ops.shape(features)
@@ -183,18 +195,12 @@ def train_stage_tasks(model, train_batch, rois_per_image, jit_compile, seed=0):
     trunk's features and ``rois_per_image`` random boxes per image (the ROI count of a training step)."""
     from keras import ops
 
-    from frcnn import transform
-
-    rpn, heads, i = model.rpn, model.roi_heads, model.cfg.input
+    rpn, heads = model.rpn, model.roi_heads
     image_sizes = ops.convert_to_tensor(train_batch["image_sizes"].astype(np.int32))
-    images = transform.normalize(ops.convert_to_tensor(train_batch["images"]), image_sizes, i.pixel_mean,
-                                 i.pixel_std, i.channel_order)
+    images = normalized(model, ops.convert_to_tensor(train_batch["images"]), image_sizes)
     features = model.trunk(images, training=True)
-    batch, height, width = (int(d) for d in train_batch["images"].shape[:3])
     rng = np.random.default_rng(seed)
-    size = rng.uniform(0.05, 0.5, (batch, rois_per_image, 2)) * [width, height]
-    corner = rng.uniform(0.0, 1.0, size.shape) * ([width, height] - size)
-    rois = ops.convert_to_tensor(np.concatenate([corner, corner + size], -1).astype(np.float32))
+    rois = ops.convert_to_tensor(random_boxes(rng, train_batch["image_sizes"], rois_per_image, 0.05, 0.5))
     pooled = heads.pooler([features, rois])
     trunk_trains = bool(model.trunk.trainable_weights)
     # (stage, function, its first argument, further arguments, trainable variables)

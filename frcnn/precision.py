@@ -84,7 +84,8 @@ def native_bfloat16(flags=None, gpu_capabilities=None):
 def _auto_policy():
     ok, reason = native_bfloat16()
     policy = "mixed_bfloat16" if ok else "float32"
-    log.info("train.mixed_precision=auto: %s (%s)", policy, reason)
+    # Printed, not logged: the choice must be seen also where no logging is set up (the tools log at INFO, where a
+    # log line as well would say it twice).
     print(f"precision: auto -> {policy} ({reason})")
     return policy
 
