@@ -7,7 +7,7 @@ Shape shorthand: ``B`` images, ``H x W`` res4 feature map, ``A`` anchors per loc
 import keras
 from keras import layers, ops
 
-from frcnn.backbone import build_res5
+from frcnn.backbone import Conv2D, build_res5
 
 
 @keras.saving.register_keras_serializable(package="frcnn")
@@ -44,8 +44,9 @@ class RPNHead(layers.Layer):
         self.num_anchors = num_anchors
         self.channels = channels
         init = keras.initializers.RandomNormal(stddev=0.01)
-        self.conv = layers.Conv2D(channels, 3, padding="same", activation="relu", kernel_initializer=init,
-                                  name="rpn_conv")
+        # In training its kernel gradient is a matrix product (bfloat16: 6% off a VOC-size step, docs/NOTES.md).
+        self.conv = Conv2D(channels, 3, padding="same", activation="relu", kernel_initializer=init,
+                           matmul_form="kernel_grad", name="rpn_conv")
         self.objectness = layers.Conv2D(num_anchors, 1, kernel_initializer=init, name="rpn_cls")
         self.deltas = layers.Conv2D(num_anchors * 4, 1, kernel_initializer=init, name="rpn_box")
 

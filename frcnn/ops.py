@@ -180,14 +180,15 @@ def _patches(x, size):
     """``(B, H, W, C)`` -> ``(B, H, W, size * size * C)``: each position's ``size x size`` neighbourhood (zero
     padded, stride 1, "same"), ordered as a ``(size, size, C, ...)`` kernel is flattened."""
     pad = size // 2
-    height, width = x.shape[1], x.shape[2]
+    height = x.shape[1] if x.shape[1] is not None else ops.shape(x)[1]
+    width = x.shape[2] if x.shape[2] is not None else ops.shape(x)[2]
     padded = ops.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
     return ops.concatenate(
         [padded[:, i:i + height, j:j + width, :] for i in range(size) for j in range(size)], axis=-1)
 
 
 def conv_with_matmul_kernel_grad(x, kernel):
-    """A stride-1 "same" ``k x k`` convolution (odd ``k``, static ``H`` and ``W``) whose forward pass and input
+    """A stride-1 "same" ``k x k`` convolution (odd ``k``) whose forward pass and input
     gradient are the backend's own convolutions and whose kernel gradient is one matrix product,
     ``patches(x)^T dy``. Same values and gradients as ``ops.conv(x, kernel, padding="same")``."""
     size = kernel.shape[0]
@@ -208,3 +209,71 @@ def conv_with_matmul_kernel_grad(x, kernel):
         return ops.conv(x, kernel, strides=1, padding="same"), grad
 
     return conv(x, kernel)
+
+
+# ------------------------------------------------------------------------------------------------ group norm
+
+
+def _per_group(values, groups):
+    """``(B, C)`` -> ``(B, G)``: the mean over each group's ``C / G`` channels."""
+    return ops.mean(ops.reshape(values, (ops.shape(values)[0], groups, -1)), axis=-1)
+
+
+def _per_channel(values, channels):
+    """``(B, G)`` -> ``(B, C)``: each group's value repeated for its ``C / G`` channels."""
+    groups = values.shape[-1]
+    return ops.reshape(ops.repeat(values[:, :, None], channels // groups, axis=2), (-1, channels))
+
+
+def group_norm(x, gamma, beta, groups, epsilon):
+    """Group normalisation of a channels-last ``(B, H, W, C)`` tensor (Wu & He, 2018): each sample's channels are
+    split into ``groups`` groups, each normalised by its mean and variance over ``H, W`` and its channels, then
+    scaled by ``gamma`` and shifted by ``beta`` (``(C,)`` each).
+
+    The same values as ``keras.layers.GroupNormalization``, computed in fewer passes over the activation: the
+    statistics are float32 sums of per-channel means; the normalisation is one multiply-add per element in the
+    input's dtype (``x * scale + shift`` with per-sample, per-channel ``scale`` and ``shift``, as for a frozen
+    BatchNorm); the gradient is written out (``dx = dy * scale + x * a + b`` with per-sample, per-group ``a``,
+    ``b``) instead of derived through the reductions. Statistics and parameter gradients stay float32 under mixed
+    precision; the outputs and ``dx`` have the input's dtype.
+    """
+    dtype = x.dtype
+    channels = x.shape[-1]
+    gamma = ops.cast(gamma, "float32")
+    beta = ops.cast(beta, "float32")
+
+    def per_pixel(values):
+        return ops.cast(values[:, None, None, :], dtype)
+
+    @ops.custom_gradient
+    def norm(x, gamma, beta):
+        xf = ops.cast(x, "float32")
+        mean = _per_group(ops.mean(xf, axis=(1, 2)), groups)  # (B, G)
+        variance = ops.maximum(_per_group(ops.mean(ops.square(xf), axis=(1, 2)), groups) - ops.square(mean), 0.0)
+        inv_std = ops.rsqrt(variance + epsilon)
+        inv_std_c, mean_c = _per_channel(inv_std, channels), _per_channel(mean, channels)  # (B, C)
+        scale = gamma * inv_std_c
+        shift = beta - mean_c * scale
+
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            dy = ops.cast(upstream, "float32")
+            sum_dy = ops.sum(dy, axis=(1, 2))  # (B, C)
+            sum_dy_x = ops.sum(dy * ops.cast(x, "float32"), axis=(1, 2))
+            grad_beta = ops.sum(sum_dy, axis=0)
+            grad_gamma = ops.sum((sum_dy_x - mean_c * sum_dy) * inv_std_c, axis=0)
+            # dx = inv_std * (gamma dy - mean_g(gamma dy) - x_hat * mean_g(gamma dy x_hat)), the means over each
+            # group's pixels and channels; expanded, dx = dy * scale + x * a + b per sample and group.
+            count = ops.cast(ops.shape(x)[1] * ops.shape(x)[2], "float32")
+            g_dy = _per_group(gamma * sum_dy, groups) / count  # mean_g(gamma dy)  (B, G)
+            g_dy_x = _per_group(gamma * sum_dy_x, groups) / count  # mean_g(gamma dy x)
+            a = -ops.power(inv_std, 3) * (g_dy_x - mean * g_dy)
+            b = -a * mean - inv_std * g_dy
+            grad_x = (upstream * per_pixel(scale) + x * per_pixel(_per_channel(a, channels))
+                      + per_pixel(_per_channel(b, channels)))
+            return grad_x, grad_gamma, grad_beta
+
+        return x * per_pixel(scale) + per_pixel(shift), grad
+
+    return norm(x, gamma, beta)

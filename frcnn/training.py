@@ -263,14 +263,60 @@ class ReplicaConsistentApply:
         return super().apply(sync_replica_gradients(list(grads), self), trainable_variables)
 
 
+def _fused_kernel_applies(gradient, variable):
+    """Whether a variable's update can be one fused TensorFlow kernel (``ResourceApply*``): the TensorFlow backend,
+    a resource variable (Keras hands ``update_step`` the backend variable) and a dense gradient."""
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    return hasattr(variable, "handle") and not isinstance(gradient, tf.IndexedSlices)
+
+
+def _handle(slot):
+    # A slot is a Keras variable; its backend variable (or, under tf.distribute, this replica's component of it
+    # inside the strategy's update call) owns the resource handle the kernels update in place.
+    return slot.value.handle
+
+
 @keras.saving.register_keras_serializable(package="frcnn")
 class SGD(ReplicaConsistentApply, keras.optimizers.SGD):
-    pass
+    """Keras' SGD. With momentum on TensorFlow, each variable's update is one fused kernel (the same formula:
+    ``m = momentum * m - lr * g``, ``w += m``, or Nesterov's) instead of Keras' four elementwise passes."""
+
+    def update_step(self, gradient, variable, learning_rate):
+        if not self.momentum or not _fused_kernel_applies(gradient, variable):
+            return super().update_step(gradient, variable, learning_rate)
+        import tensorflow as tf
+
+        dtype = variable.dtype
+        tf.raw_ops.ResourceApplyKerasMomentum(
+            var=variable.handle, accum=_handle(self.momentums[self._get_variable_index(variable)]),
+            lr=tf.cast(learning_rate, dtype), grad=tf.cast(gradient, dtype),
+            momentum=tf.constant(self.momentum, dtype), use_nesterov=self.nesterov)
 
 
 @keras.saving.register_keras_serializable(package="frcnn")
 class Adam(ReplicaConsistentApply, keras.optimizers.Adam):
-    pass
+    """Keras' Adam. On TensorFlow each variable's update is one fused kernel (the same formula, Kingma & Ba's with
+    epsilon added to ``sqrt(v)``) instead of Keras' ten elementwise passes over the variable and its two slots:
+    three times faster here on a ResNet-50's 22 M parameters (docs/NOTES.md)."""
+
+    def update_step(self, gradient, variable, learning_rate):
+        if self.amsgrad or not _fused_kernel_applies(gradient, variable):
+            return super().update_step(gradient, variable, learning_rate)
+        import tensorflow as tf
+
+        dtype = variable.dtype
+        index = self._get_variable_index(variable)
+        step = tf.cast(self.iterations + 1, dtype)
+        tf.raw_ops.ResourceApplyAdam(
+            var=variable.handle, m=_handle(self._momentums[index]), v=_handle(self._velocities[index]),
+            beta1_power=tf.pow(tf.constant(self.beta_1, dtype), step),
+            beta2_power=tf.pow(tf.constant(self.beta_2, dtype), step),
+            lr=tf.cast(learning_rate, dtype), beta1=tf.constant(self.beta_1, dtype),
+            beta2=tf.constant(self.beta_2, dtype), epsilon=tf.constant(self.epsilon, dtype),
+            grad=tf.cast(gradient, dtype))
 
 
 @keras.saving.register_keras_serializable(package="frcnn")

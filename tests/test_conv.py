@@ -45,6 +45,8 @@ def _value_and_grads(layer, x, training=True):
     (3, 1, "same", False),    # the trunk's: Keras' own convolution
     (1, 1, "valid", False),
     (3, 2, "valid", True),    # not covered by the matrix form: falls back to Keras' convolution
+    (3, 1, "same", "kernel_grad"),  # the RPN conv: only the 3x3 kernel gradient as a matrix product
+    (1, 2, "valid", "kernel_grad"),  # ... and 1x1 convolutions stay Keras' own
 ])
 @pytest.mark.parametrize("training", [True, False])  # inference is always Keras' own convolution
 @pytest.mark.parametrize("size", [(7, 7), (6, 9)])
@@ -106,7 +108,33 @@ def test_layer_contract(tmp_path):
     x = np.random.default_rng(0).standard_normal((2, 7, 7, 4)).astype(np.float32)
     layer = run_layer_test(backbone.Conv2D, dict(filters=3, kernel_size=3, padding="same", matmul_form=True),
                            [x], [(2, 7, 7, 3)], tmp_path, expect_weights=True, atol=1e-5)
-    assert layer.get_config()["matmul_form"] is True
+    assert layer.get_config()["matmul_form"] == "all"  # True, as configs saved before the modes, is "all"
+    assert backbone.Conv2D(3, 1, matmul_form=False).matmul_form == "none"
+    with pytest.raises(ValueError, match="matmul_form must be one of"):
+        backbone.Conv2D(3, 1, matmul_form="fast")
+
+
+def test_kernel_gradient_form_on_maps_of_unknown_size():
+    """The RPN's 3x3 conv sees feature maps whose size is known only when the graph runs (any image size)."""
+    ours, theirs = _pair(3, 1, "same", "kernel_grad")
+    x = np.random.default_rng(3).standard_normal((2, 5, 8, 6)).astype(np.float32)
+
+    @tf.function(input_signature=[tf.TensorSpec((None, None, None, 6), tf.float32)])
+    def dynamic(x):
+        return _value_and_grads_graph(ours, x)
+
+    for mine, ref, what in zip(dynamic(x), _value_and_grads(theirs, x),
+                               ("output", "input gradient", "kernel gradient", "bias gradient")):
+        np.testing.assert_allclose(np.asarray(mine), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max(), err_msg=what)
+
+
+def _value_and_grads_graph(layer, x):
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x, training=True)
+        upstream = tf.constant(np.random.default_rng(7).standard_normal((2, 5, 8, layer.filters)).astype(np.float32))
+        loss = tf.reduce_sum(y * upstream)
+    return [y] + tape.gradient(loss, [x, layer.kernel, layer.bias])
 
 
 def test_checkpoint_paths_unchanged_keras_conv2d_weights_load(tmp_path):
@@ -142,3 +170,16 @@ def test_matrix_form_only_in_training_and_only_where_asked(monkeypatch):
         ours(x, training=True)
         assert calls == [expected]
         calls.clear()
+    # kernel_grad (the RPN conv): the 3x3 kernel gradient as a matrix product, 1x1 convolutions left to Keras
+    for kernel, expected in ((1, []), (3, ["conv_with_matmul_kernel_grad"])):
+        layer, _ = _pair(kernel, 1, "same", "kernel_grad")
+        layer(x, training=True)
+        assert calls == expected
+        calls.clear()
+
+
+def test_rpn_conv_uses_the_kernel_gradient_form():
+    from frcnn.heads import RPNHead
+
+    head = RPNHead(3, channels=8)
+    assert isinstance(head.conv, backbone.Conv2D) and head.conv.matmul_form == "kernel_grad"

@@ -61,6 +61,44 @@ def test_optimizer_from_config_scales_lr_and_skips_decay_of_norms():
     assert decayed["kernel"] and not decayed["bias"] and not decayed["gamma"]
 
 
+def _numpy_updates(kind, w, grads, lr, wd=0.0, momentum=0.9, nesterov=False, b1=0.9, b2=0.999, eps=1e-7):
+    """The optimizers' formulas in float64 NumPy: decoupled weight decay first, then Adam (Kingma & Ba, epsilon
+    added to sqrt(v)) or SGD with momentum (Keras' form: m = momentum m - lr g; w += m, or Nesterov's)."""
+    w, m, v = w.astype(np.float64), np.zeros_like(w, np.float64), np.zeros_like(w, np.float64)
+    for t, g in enumerate(grads, start=1):
+        w = w - lr * wd * w
+        if kind == "adam":
+            m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+            w = w - lr * np.sqrt(1 - b2 ** t) / (1 - b1 ** t) * m / (np.sqrt(v) + eps)
+        else:
+            m = momentum * m - lr * g
+            w = w + (momentum * m - lr * g if nesterov else m)
+    return w
+
+
+@pytest.mark.parametrize("kind, kwargs, kernel", [
+    ("adam", dict(weight_decay=0.1), "ResourceApplyAdam"),
+    ("sgd", dict(momentum=0.9), "ResourceApplyKerasMomentum"),
+    ("sgd", dict(momentum=0.9, nesterov=True, weight_decay=0.1), "ResourceApplyKerasMomentum"),
+])
+def test_fused_optimizer_updates_follow_the_formulas(kind, kwargs, kernel):
+    """On TensorFlow each variable's update is one fused kernel; the result is the optimizer's formula."""
+    rng = np.random.default_rng(0)
+    init = rng.standard_normal((3, 4)).astype(np.float32)
+    grads = [rng.standard_normal((3, 4)).astype(np.float32) for _ in range(4)]
+    cls = training.Adam if kind == "adam" else training.SGD
+    opt = cls(0.05, **kwargs)
+    var = keras.Variable(init, name="kernel")
+    step = tf.function(lambda g: opt.apply([g], [var]))
+    for g in grads:
+        step(tf.constant(g))
+    options = {k: v for k, v in kwargs.items() if k != "weight_decay"}
+    want = _numpy_updates(kind, init, grads, 0.05, kwargs.get("weight_decay", 0.0), **options)
+    np.testing.assert_allclose(var.numpy(), want, rtol=1e-5, atol=1e-6)
+    ops = {op.type for op in step.get_concrete_function(tf.TensorSpec((3, 4))).graph.get_operations()}
+    assert kernel in ops
+
+
 def test_checkpoints_are_written_atomically_with_state(tmp_path):
     model = tiny_model()
     run(model, tmp_path, epochs=2, steps=5, every=2)
