@@ -9,6 +9,8 @@ WORKDIR holds ``model.weights.h5``, ``batch.npz`` (a training batch in the docs/
 - ``detections``: ``model.detect`` on the images;
 - ``roi_align``: the largest difference between RoIAlign (fixed and adaptive sampling) and the NumPy reference;
 - ``nms``: whether the padded NMS keeps exactly the reference NMS's boxes on random cases;
+- ``custom_gradients``: the largest relative error of the hand-written gradients (group norm against finite
+  differences of a float64 NumPy group norm, the matrix-product kernel gradient against the backend's convolution);
 - ``fit``: the losses of two training steps of ``model.fit`` (finite, the weights move).
 """
 
@@ -27,7 +29,7 @@ from keras import ops  # noqa: E402
 
 import reference as ref  # noqa: E402
 from frcnn import build_model, load_config  # noqa: E402
-from frcnn.ops import non_max_suppression, roi_align  # noqa: E402
+from frcnn.ops import conv_with_matmul_kernel_grad, group_norm, non_max_suppression, roi_align  # noqa: E402
 
 # Every anchor and every proposal is sampled (positive fraction 1, samples >= candidates), so the four losses do
 # not depend on the backend's random numbers.
@@ -66,6 +68,70 @@ def check_nms():
     return True
 
 
+def _gradients(f, args):
+    """Gradients of the scalar ``f(*args)`` with respect to every argument, with the backend's own autodiff."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return [np.asarray(g) for g in jax.grad(f, argnums=tuple(range(len(args))))(*args)]
+    if backend == "torch":
+        import torch
+
+        tensors = [torch.tensor(a, requires_grad=True) for a in args]
+        f(*tensors).backward()
+        return [t.grad.numpy() for t in tensors]
+    import tensorflow as tf
+
+    tensors = [tf.constant(a) for a in args]
+    with tf.GradientTape() as tape:
+        tape.watch(tensors)
+        value = f(*tensors)
+    return [g.numpy() for g in tape.gradient(value, tensors)]
+
+
+def _numpy_group_norm(x, gamma, beta, groups, epsilon=1e-5):
+    b, h, w, c = x.shape
+    g = x.reshape(b, h, w, groups, c // groups)
+    g = (g - g.mean(axis=(1, 2, 4), keepdims=True)) / np.sqrt(g.var(axis=(1, 2, 4), keepdims=True) + epsilon)
+    return g.reshape(x.shape) * gamma + beta
+
+
+def check_custom_gradients():
+    rng = np.random.default_rng(2)
+    x = rng.normal(0.5, 2.0, (2, 4, 5, 8)).astype(np.float32)
+    gamma, beta = rng.normal(1, 0.3, 8).astype(np.float32), rng.normal(0, 0.3, 8).astype(np.float32)
+    weights = rng.standard_normal(x.shape)
+    w = weights.astype(np.float32)
+    got = _gradients(lambda x, g, b: ops.sum(ops.multiply(group_norm(x, g, b, 4, 1e-5), ops.convert_to_tensor(w))),
+                     [x, gamma, beta])
+
+    def loss(x, g, b):
+        return float(np.sum(_numpy_group_norm(x, g, b, 4) * weights))
+
+    worst = 0.0
+    args = [a.astype(np.float64) for a in (x, gamma, beta)]
+    for which, grad in enumerate(got):
+        flat_indices = rng.choice(args[which].size, size=min(8, args[which].size), replace=False)
+        for flat in flat_indices:
+            index = np.unravel_index(flat, args[which].shape)
+            plus, minus = [a.copy() for a in args], [a.copy() for a in args]
+            plus[which][index] += 1e-4
+            minus[which][index] -= 1e-4
+            numeric = (loss(*plus) - loss(*minus)) / 2e-4
+            worst = max(worst, abs(float(grad[index]) - numeric) / max(1.0, abs(numeric)))
+    # The kernel gradient as patches^T dy against the backend's own convolution gradient.
+    image = rng.standard_normal((2, 5, 6, 3)).astype(np.float32)
+    kernel = rng.standard_normal((3, 3, 3, 4)).astype(np.float32)
+    upstream = rng.standard_normal((2, 5, 6, 4)).astype(np.float32)
+    up = ops.convert_to_tensor(upstream)
+    mine = _gradients(lambda x, k: ops.sum(ops.multiply(conv_with_matmul_kernel_grad(x, k), up)), [image, kernel])
+    theirs = _gradients(lambda x, k: ops.sum(ops.multiply(ops.conv(x, k, padding="same"), up)), [image, kernel])
+    for a, b in zip(mine, theirs):
+        worst = max(worst, float(np.abs(a - b).max() / np.abs(b).max()))
+    return worst
+
+
 def main(workdir):
     cfg = load_config("test.yaml", OVERRIDES)
     model = build_model(cfg, load_weights=False)
@@ -87,6 +153,7 @@ def main(workdir):
         "detections": detections,
         "roi_align": check_roi_align(),
         "nms": check_nms(),
+        "custom_gradients": check_custom_gradients(),
         "fit": {"loss": history.history["loss"], "rpn_cls": history.history["rpn_cls"], "moved": moved},
     }
     with open(os.path.join(workdir, f"result_{keras.backend.backend()}.json"), "w") as f:

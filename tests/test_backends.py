@@ -64,6 +64,7 @@ def run_worker(path, backend):
 def check_one(result):
     assert result["roi_align"] < 1e-4
     assert result["nms"]
+    assert result["custom_gradients"] < 1e-3
     fit = result["fit"]
     assert all(np.isfinite(fit["loss"])) and fit["moved"] > 0
 
