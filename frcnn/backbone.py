@@ -102,10 +102,11 @@ class Conv2D(layers.Conv2D):
     """``keras.layers.Conv2D`` (the same variables, the same outputs), optionally computed in training as matrix
     products.
 
-    With ``matmul_form`` (the ROI head's res5: many small maps, ROIs x 7 x 7), a training call computes 1x1
+    With ``matmul_form="all"`` (the ROI head's res5: many small maps, ROIs x 7 x 7), a training call computes 1x1
     convolutions as :func:`frcnn.ops.pointwise_conv`, a matrix product over channels in both directions, and
-    stride-1 "same" convolutions of static size with the backend's forward pass and input gradient but their kernel
-    gradient as one matrix product (:func:`frcnn.ops.conv_with_matmul_kernel_grad`). Why: on a CPU with native
+    stride-1 "same" convolutions with the backend's forward pass and input gradient but their kernel gradient as one
+    matrix product (:func:`frcnn.ops.conv_with_matmul_kernel_grad`). ``"kernel_grad"`` (the RPN's 3x3 conv) does
+    only the latter; ``"none"`` (the trunk) is Keras' convolution throughout. Why: on a CPU with native
     bfloat16, oneDNN's bfloat16 kernel gradient for such shapes ran at a third of the rate of its forward pass and of
     a matrix product (docs/NOTES.md). Inference keeps Keras' convolution, which the backend fuses with the bias and
     the activation (faster there); so does the trunk, whose few large maps have a fast kernel gradient.
@@ -148,7 +149,7 @@ class GroupNormalization(layers.GroupNormalization):
     """``keras.layers.GroupNormalization`` (the same variables, the same outputs to float round-off) computed by
     :func:`frcnn.ops.group_norm`: float32 statistics, one multiply-add per element in the compute dtype and a
     written-out gradient, instead of Keras' float32 copy of the activation and a gradient derived through the
-    reductions (1.3-2x faster forwards and backwards here, docs/NOTES.md). Channels-last with ``scale`` and
+    reductions (1.1-2x faster forwards and backwards here, docs/NOTES.md). Channels-last with ``scale`` and
     ``center`` (how the trunk uses it); other settings fall back to Keras'. The class keeps Keras' name, so
     checkpoints name its variables as before."""
 
