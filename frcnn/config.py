@@ -124,6 +124,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = 500
     warmup_factor: float = 0.001
+    lr_schedule: str = "step"  # step (x lr_gamma at lr_decay_epochs) | cosine (to 0 at the last step)
     lr_decay_epochs: Tuple[int, ...] = (8, 11)
     lr_gamma: float = 0.1
     clip_norm: Optional[float] = None
@@ -454,6 +455,8 @@ def validate(cfg, source="<config>"):
         fail("train.warmup_steps/warmup_factor", "need warmup_steps >= 0 and warmup_factor in (0, 1]")
     if t.weight_decay < 0 or t.momentum < 0:
         fail("train.weight_decay/momentum", "must not be negative")
+    if t.lr_schedule not in ("step", "cosine"):
+        fail("train.lr_schedule", f"must be step or cosine, got {t.lr_schedule!r}")
     if t.val_every < 0:
         fail("train.val_every", "must be >= 0")
     if t.checkpoint_every < 0:

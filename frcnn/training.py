@@ -208,10 +208,7 @@ class WarmupStepDecay(keras.optimizers.schedules.LearningRateSchedule):
         for boundary in self.boundaries:
             decays = decays + keras.ops.cast(step >= boundary, "float32")
         lr = self.base_lr * keras.ops.power(self.gamma, decays)
-        if self.warmup_steps > 0:
-            alpha = keras.ops.minimum(step / self.warmup_steps, 1.0)
-            lr = lr * (self.warmup_factor * (1.0 - alpha) + alpha)
-        return lr
+        return _warmup(lr, step, self.warmup_steps, self.warmup_factor)
 
     def get_config(self):
         return {
@@ -223,6 +220,36 @@ class WarmupStepDecay(keras.optimizers.schedules.LearningRateSchedule):
         }
 
 
+def _warmup(lr, step, warmup_steps, warmup_factor):
+    """``lr`` scaled by the linear warm-up factor at ``step`` (from ``warmup_factor`` to 1 over ``warmup_steps``)."""
+    if warmup_steps <= 0:
+        return lr
+    alpha = keras.ops.minimum(step / warmup_steps, 1.0)
+    return lr * (warmup_factor * (1.0 - alpha) + alpha)
+
+
+@keras.saving.register_keras_serializable(package="frcnn")
+class WarmupCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up as in :class:`WarmupStepDecay`, times a cosine decay from ``base_lr`` at step 0 to 0 at
+    ``total_steps`` (Loshchilov & Hutter's SGDR without restarts; Detectron2's ``WarmupCosineLR``)."""
+
+    def __init__(self, base_lr, warmup_steps, warmup_factor, total_steps):
+        self.base_lr = float(base_lr)
+        self.warmup_steps = int(warmup_steps)
+        self.warmup_factor = float(warmup_factor)
+        self.total_steps = int(total_steps)
+
+    def __call__(self, step):
+        step = keras.ops.cast(step, "float32")
+        progress = keras.ops.minimum(step / max(self.total_steps, 1), 1.0)
+        lr = self.base_lr * 0.5 * (1.0 + keras.ops.cos(math.pi * progress))
+        return _warmup(lr, step, self.warmup_steps, self.warmup_factor)
+
+    def get_config(self):
+        return {"base_lr": self.base_lr, "warmup_steps": self.warmup_steps, "warmup_factor": self.warmup_factor,
+                "total_steps": self.total_steps}
+
+
 def learning_rate(cfg):
     """The base rate for ``train.batch_size`` (linear scaling rule from ``reference_batch_size``)."""
     t = cfg.train
@@ -231,13 +258,16 @@ def learning_rate(cfg):
 
 def make_optimizer(cfg, steps_per_epoch):
     t = cfg.train
-    schedule = WarmupStepDecay(
-        learning_rate(cfg),
-        t.warmup_steps,
-        t.warmup_factor,
-        [e * steps_per_epoch for e in t.lr_decay_epochs],
-        t.lr_gamma,
-    )
+    if t.lr_schedule == "cosine":
+        schedule = WarmupCosineDecay(learning_rate(cfg), t.warmup_steps, t.warmup_factor, t.epochs * steps_per_epoch)
+    else:
+        schedule = WarmupStepDecay(
+            learning_rate(cfg),
+            t.warmup_steps,
+            t.warmup_factor,
+            [e * steps_per_epoch for e in t.lr_decay_epochs],
+            t.lr_gamma,
+        )
     common = {"global_clipnorm": t.clip_norm, "weight_decay": t.weight_decay or None}
     # The outermost optimizer syncs the replicas' decisions (ReplicaConsistentApply); with mixed_float16 that is the
     # loss-scale wrapper (made here, so compile() does not wrap again) and the inner optimizer is a plain one.

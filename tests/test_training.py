@@ -46,6 +46,24 @@ def test_warmup_step_decay_schedule():
     assert float(again(25)) == pytest.approx(0.01)
 
 
+def test_warmup_cosine_schedule():
+    sched = training.WarmupCosineDecay(0.1, warmup_steps=10, warmup_factor=0.01, total_steps=100)
+    steps = np.array([0, 5, 10, 50, 75, 100, 150])
+    want = 0.1 * 0.5 * (1 + np.cos(np.pi * np.minimum(steps / 100, 1)))
+    warm = np.minimum(steps / 10, 1)
+    want = want * (0.01 * (1 - warm) + warm)
+    np.testing.assert_allclose([float(sched(s)) for s in steps], want, rtol=1e-5, atol=1e-9)
+    assert float(sched(50)) == pytest.approx(0.05) and float(sched(100)) == pytest.approx(0.0, abs=1e-9)
+    again = training.WarmupCosineDecay.from_config(sched.get_config())
+    assert float(again(75)) == pytest.approx(float(sched(75)))
+    cfg = load_config(None, ["train.lr_schedule=cosine", "train.epochs=3", "train.scale_lr=false", "train.lr=0.02",
+                             "train.warmup_steps=0"])
+    schedule = training.make_optimizer(cfg, steps_per_epoch=10)._learning_rate
+    assert isinstance(schedule, training.WarmupCosineDecay) and schedule.total_steps == 30
+    with pytest.raises(Exception, match="train.lr_schedule"):
+        load_config(None, ["train.lr_schedule=linear"])
+
+
 def test_optimizer_from_config_scales_lr_and_skips_decay_of_norms():
     cfg = load_config(None, ["train.batch_size=4", "train.lr=0.02", "train.reference_batch_size=16"])
     assert training.learning_rate(cfg) == pytest.approx(0.005)
