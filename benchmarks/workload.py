@@ -117,14 +117,6 @@ def random_boxes(rng, image_sizes, count, low, high):
     return np.stack([x1, y1, x1 + w, y1 + h], -1).astype(np.float32)
 
 
-def normalized(model, images, image_sizes):
-    """``images`` normalised as the model's own forward pass does it, ready for its trunk."""
-    from frcnn import transform
-
-    i = model.cfg.input
-    return transform.normalize(images, image_sizes, i.pixel_mean, i.pixel_std, i.channel_order)
-
-
 def build(cfg):
     """``frcnn.build_model(cfg)`` compiled as ``engine.train`` compiles it (``train.jit_compile``)."""
     import frcnn
@@ -155,7 +147,7 @@ def stage_tasks(model, batch, jit_compile):
     rpn, heads = model.rpn, model.roi_heads
 
     def trunk(images, image_sizes):
-        return model.trunk(normalized(model, images, image_sizes), training=False)
+        return model.trunk(model.normalize_images(images, image_sizes), training=False)
 
     def proposals(features, logits, deltas, image_sizes):
         shape = ops.shape(features)
@@ -197,7 +189,7 @@ def train_stage_tasks(model, train_batch, rois_per_image, jit_compile, seed=0):
 
     rpn, heads = model.rpn, model.roi_heads
     image_sizes = ops.convert_to_tensor(train_batch["image_sizes"].astype(np.int32))
-    images = normalized(model, ops.convert_to_tensor(train_batch["images"]), image_sizes)
+    images = model.normalize_images(ops.convert_to_tensor(train_batch["images"]), image_sizes)
     features = model.trunk(images, training=True)
     rng = np.random.default_rng(seed)
     rois = ops.convert_to_tensor(random_boxes(rng, train_batch["image_sizes"], rois_per_image, 0.05, 0.5))

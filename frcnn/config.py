@@ -357,6 +357,7 @@ _CHOICES = {
     "model.head_pooling": ("avg", "none"),
     "train.mixed_precision": ("off", "mixed_float16", "mixed_bfloat16", "auto"),
     "input.channel_order": ("bgr", "rgb"),
+    "train.lr_schedule": ("step", "cosine"),
 }
 
 
@@ -455,8 +456,6 @@ def validate(cfg, source="<config>"):
         fail("train.warmup_steps/warmup_factor", "need warmup_steps >= 0 and warmup_factor in (0, 1]")
     if t.weight_decay < 0 or t.momentum < 0:
         fail("train.weight_decay/momentum", "must not be negative")
-    if t.lr_schedule not in ("step", "cosine"):
-        fail("train.lr_schedule", f"must be step or cosine, got {t.lr_schedule!r}")
     if t.val_every < 0:
         fail("train.val_every", "must be >= 0")
     if t.checkpoint_every < 0:

@@ -59,10 +59,8 @@ class FasterRCNN(keras.Model):
         ``original_sizes``) in the batch, boxes in original image pixels (clipped to the image), and ``image_ids``
         passed through. With ``gt_boxes``, ``gt_classes`` and ``gt_valid`` in the batch ->
         ``{"rpn_cls", "rpn_box", "roi_cls", "roi_box"}``."""
-        i = self.cfg.input
         image_sizes = ops.cast(inputs["image_sizes"], "int32")
-        images = transform.normalize(inputs["images"], image_sizes, i.pixel_mean, i.pixel_std, i.channel_order)
-        features = self.trunk(images, training=training)
+        features = self.trunk(self.normalize_images(inputs["images"], image_sizes), training=training)
         gt = {key: inputs[key] for key in GT_KEYS} if all(key in inputs for key in GT_KEYS) else None
         proposals, proposal_valid, losses = self.rpn(features, image_sizes, gt, training=training)
         outputs = self.roi_heads(features, proposals, proposal_valid, image_sizes, gt, training=training)
@@ -74,6 +72,12 @@ class FasterRCNN(keras.Model):
         if "image_ids" in inputs:
             outputs = {**outputs, "image_ids": inputs["image_ids"]}
         return outputs
+
+    def normalize_images(self, images, image_sizes):
+        """A padded uint8/float batch as the trunk takes it (``input.pixel_mean``, ``pixel_std``, ``channel_order``;
+        see :func:`frcnn.transform.normalize`)."""
+        i = self.cfg.input
+        return transform.normalize(images, image_sizes, i.pixel_mean, i.pixel_std, i.channel_order)
 
     def fold_batchnorm(self):
         """Fold the frozen BatchNorms (``model.norm: frozen``) into their convolutions, for inference and export:

@@ -260,6 +260,8 @@ def group_norm(x, gamma, beta, groups, epsilon):
                 (upstream,) = args
             dy = ops.cast(upstream, "float32")
             sum_dy = ops.sum(dy, axis=(1, 2))  # (B, C)
+            # x cast again rather than the forward's float32 copy kept: one pass here instead of a float32 copy of
+            # every normalised activation held until the backward pass.
             sum_dy_x = ops.sum(dy * ops.cast(x, "float32"), axis=(1, 2))
             grad_beta = ops.sum(sum_dy, axis=0)
             grad_gamma = ops.sum((sum_dy_x - mean_c * sum_dy) * inv_std_c, axis=0)

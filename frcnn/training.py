@@ -298,8 +298,6 @@ def _fused_kernel_applies(gradient, variable):
     a resource variable (Keras hands ``update_step`` the backend variable) and a dense gradient."""
     if keras.backend.backend() != "tensorflow":
         return False
-    import tensorflow as tf
-
     return hasattr(variable, "handle") and not isinstance(gradient, tf.IndexedSlices)
 
 
@@ -317,8 +315,6 @@ class SGD(ReplicaConsistentApply, keras.optimizers.SGD):
     def update_step(self, gradient, variable, learning_rate):
         if not self.momentum or not _fused_kernel_applies(gradient, variable):
             return super().update_step(gradient, variable, learning_rate)
-        import tensorflow as tf
-
         dtype = variable.dtype
         tf.raw_ops.ResourceApplyKerasMomentum(
             var=variable.handle, accum=_handle(self.momentums[self._get_variable_index(variable)]),
@@ -335,8 +331,6 @@ class Adam(ReplicaConsistentApply, keras.optimizers.Adam):
     def update_step(self, gradient, variable, learning_rate):
         if self.amsgrad or not _fused_kernel_applies(gradient, variable):
             return super().update_step(gradient, variable, learning_rate)
-        import tensorflow as tf
-
         dtype = variable.dtype
         index = self._get_variable_index(variable)
         step = tf.cast(self.iterations + 1, dtype)

@@ -14,6 +14,7 @@ Functions
 - ``bilinear(features, y, x)``, ``roi_align(features, boxes, pool, stride, sampling_ratio)``: Detectron2
   ``ROIAlign(aligned=True)`` for one image.
 - ``proposals(...)``, ``detections(...)``: the proposal and detection decoders for one image.
+- ``group_norm(x, gamma, beta, groups, epsilon)``: group normalisation of a channels-last batch.
 """
 
 import math
@@ -217,3 +218,13 @@ def detections(class_probs, box_deltas, proposal_boxes, proposal_valid, image_si
     classes = np.concatenate(all_classes)
     order = np.argsort(-scores, kind="stable")[:max_detections]
     return boxes[order], scores[order], classes[order]
+
+
+def group_norm(x, gamma, beta, groups, epsilon=1e-5):
+    """Wu & He's group norm of ``(B, H, W, C)``: per sample, each group of ``C / groups`` channels normalised by its
+    mean and (biased) variance over ``H``, ``W`` and those channels, then ``* gamma + beta`` per channel."""
+    x = np.asarray(x, np.float64)
+    b, h, w, c = x.shape
+    g = x.reshape(b, h, w, groups, c // groups)
+    g = (g - g.mean(axis=(1, 2, 4), keepdims=True)) / np.sqrt(g.var(axis=(1, 2, 4), keepdims=True) + epsilon)
+    return g.reshape(x.shape) * gamma + beta

@@ -8,16 +8,8 @@ import pytest
 import tensorflow as tf
 
 from frcnn import backbone, ops as frcnn_ops
+import reference as ref
 from layer_testing import run_layer_test
-
-
-def _reference(x, gamma, beta, groups, epsilon):
-    """Group norm in float64 NumPy: per sample, each group of channels normalised over H, W and its channels."""
-    b, h, w, c = x.shape
-    g = x.astype(np.float64).reshape(b, h, w, groups, c // groups)
-    mean = g.mean(axis=(1, 2, 4), keepdims=True)
-    var = g.var(axis=(1, 2, 4), keepdims=True)
-    return ((g - mean) / np.sqrt(var + epsilon)).reshape(x.shape) * gamma + beta
 
 
 def _textbook_gradients(x, gamma, beta, groups, epsilon, upstream):
@@ -59,7 +51,7 @@ def test_values_and_gradients_match_the_textbook_formula(shape, groups):
     x, gamma, beta, upstream = _inputs(shape)
     y, grads = _ours(x, gamma, beta, groups, upstream)
     assert y.dtype == tf.float32
-    np.testing.assert_allclose(y.numpy(), _reference(x, gamma, beta, groups, 1e-5), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y.numpy(), ref.group_norm(x, gamma, beta, groups, 1e-5), rtol=1e-5, atol=1e-5)
     for got, want, what in zip(grads, _textbook_gradients(x, gamma, beta, groups, 1e-5, upstream),
                                ("x", "gamma", "beta")):
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-4 * np.abs(want).max(), err_msg=what)
@@ -71,13 +63,13 @@ def test_bfloat16_activations_float32_statistics_and_parameter_gradients():
     y, (gx, ggamma, gbeta) = _ours(x, gamma, beta, 8, upstream, dtype="bfloat16")
     assert y.dtype == tf.bfloat16 and gx.dtype == tf.bfloat16
     assert ggamma.dtype == tf.float32 and gbeta.dtype == tf.float32
-    want_y = _reference(xb, gamma, beta, 8, 1e-5)
+    want_y = ref.group_norm(xb, gamma, beta, 8, 1e-5)
     want = _textbook_gradients(xb, gamma, beta, 8, 1e-5, upstream)
     # bfloat16 keeps 8 significant bits: a relative error of about 2^-8 per rounding, a few roundings deep. A
     # statistic computed in bfloat16, or a cast in the wrong place, is off by far more on these inputs.
-    for got, ref in ((y, want_y), (gx, want[0]), (ggamma, want[1]), (gbeta, want[2])):
+    for got, expected in ((y, want_y), (gx, want[0]), (ggamma, want[1]), (gbeta, want[2])):
         got = tf.cast(got, tf.float32).numpy()
-        assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
+        assert np.abs(got - expected).max() <= 0.02 * np.abs(expected).max()
 
 
 def test_layer_same_as_keras_group_normalization_and_its_checkpoints_load(tmp_path):
