@@ -25,6 +25,7 @@ import math
 import os
 import shutil
 import time
+import weakref
 
 import keras
 import numpy as np
@@ -555,16 +556,46 @@ def nonfinite_variables(model):
 
     The loss alone cannot be trusted to reveal a NaN: oneDNN's fused matmul + bias + ReLU kernel (on by default on
     processors with AVX512_BF16 or AMX) maps NaN to 0, so a NaN input can poison a layer's weights through its
-    gradient while the reported loss stays finite. The weights cannot hide it. One reduction per variable, read back
-    in one go: a few milliseconds for the 33M-parameter detector.
+    gradient while the reported loss stays finite. The weights cannot hide it. One reduction per variable, all in
+    one compiled function (see :func:`_finite_flags`), read back in one go.
     """
     variables = model.weights
     if not variables:
         return []
-    finite = keras.ops.convert_to_numpy(
-        keras.ops.stack([keras.ops.all(keras.ops.isfinite(v)) for v in variables])
-    )
+    finite = keras.ops.convert_to_numpy(_finite_flags(model, variables))
     return [v.path for v, ok in zip(variables, finite) if not ok]
+
+
+_FINITE_CHECKS = weakref.WeakKeyDictionary()  # model -> (ids of its variables, compiled check)
+
+
+def _finite_flags(model, variables):
+    """``(len(variables),)`` bools: each variable free of NaN and infinity.
+
+    Run after every training step (:class:`StopOnNonFinite`), so it is compiled once per model and variable list:
+    op by op, the 222 variables of the ResNet-50 detector took 45 ms here (10% of a shapes training step), as one
+    TensorFlow graph 8 ms (docs/NOTES.md). JAX jits it over the variables' values; other backends run it eagerly.
+    """
+    key = tuple(id(v) for v in variables)
+    cached = _FINITE_CHECKS.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]()
+
+    def flags(values):
+        return keras.ops.stack([keras.ops.all(keras.ops.isfinite(v)) for v in values])
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        check = tf.function(lambda: flags(variables), autograph=False)
+    elif backend == "jax":
+        import jax
+
+        jitted = jax.jit(flags)
+        check = lambda: jitted([v.value for v in variables])  # noqa: E731
+    else:
+        check = lambda: flags(variables)  # noqa: E731
+    _FINITE_CHECKS[model] = (key, check)
+    return check()
 
 
 class StopOnNonFinite(keras.callbacks.Callback):

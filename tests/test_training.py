@@ -212,6 +212,23 @@ def test_nan_hidden_from_the_loss_is_named_as_weights(tmp_path):
     assert training.read_state(str(tmp_path))["global_step"] == 4  # the last epoch-end checkpoint
 
 
+def test_nonfinite_variables_reads_the_current_values_each_call():
+    # The check is compiled once per model: it must read the variables' values at each call, not the values they
+    # held when it was traced, and name each bad variable, trainable or not.
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.BatchNormalization(),
+                              keras.layers.Dense(1)])
+    assert training.nonfinite_variables(model) == []
+    kernel, variance = model.layers[0].kernel, model.layers[1].moving_variance
+    good_kernel = kernel.numpy().copy()
+    kernel.assign(np.where(np.arange(12).reshape(3, 4) == 7, np.nan, good_kernel).astype(np.float32))
+    variance.assign(np.float32([1, np.inf, 1, 1]))
+    assert training.nonfinite_variables(model) == [kernel.path, variance.path]
+    kernel.assign(good_kernel)
+    assert training.nonfinite_variables(model) == [variance.path]
+    variance.assign(np.ones(4, np.float32))
+    assert training.nonfinite_variables(model) == []
+
+
 def test_checkpoint_manager_refuses_nonfinite_weights(tmp_path):
     model = tiny_model()
     model.build((None, 3))
