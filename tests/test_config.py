@@ -12,10 +12,22 @@ def test_base_yaml_restates_the_dataclass_defaults():
     assert documented == Config().to_dict()
 
 
-@pytest.mark.parametrize("name", ["voc.yaml", "voc", "coco.yaml", "shapes.yaml", "test.yaml"])
+@pytest.mark.parametrize("name", ["voc.yaml", "voc", "coco.yaml", "shapes.yaml", "shapes_long.yaml", "test.yaml"])
 def test_shipped_configs_load(name):
     cfg = load_config(name)
     assert isinstance(cfg, Config)
+
+
+def test_shapes_long_is_the_shapes_recipe_trained_longer():
+    # Only the length of training (and the data it needs) may differ: same model, same validation images.
+    short, long = load_config("shapes.yaml").to_dict(), load_config("shapes_long.yaml").to_dict()
+    differ = {(section, key) for section in short for key in short[section]
+              if short[section][key] != long[section][key]}
+    assert differ == {("data", "root"), ("data", "synthetic"), ("train", "epochs"), ("train", "lr_decay_epochs"),
+                      ("train", "val_every")}
+    assert {k for k in short["data"]["synthetic"] if short["data"]["synthetic"][k] != long["data"]["synthetic"][k]} \
+        == {"num_train"}
+    assert long["train"]["epochs"] * long["train"]["steps_per_epoch"] == 2000
 
 
 def test_voc_recipe():
