@@ -493,8 +493,10 @@ class CheckpointManager(keras.callbacks.Callback):
 
     Weights and ``state.json`` are each replaced atomically; the state is written after the weights. A kill
     between the two leaves the state one checkpoint behind; :func:`restore_checkpoint` resumes from the step the
-    weights hold. A write that does not fit on the disk raises :class:`TrainingError` and keeps the old files. Nothing is written after a non-finite loss, and never
-    weights that hold a NaN or an infinity.
+    weights hold. A write that does not fit on the disk raises :class:`TrainingError` and keeps the old files.
+    Nothing is written after a non-finite loss, and never weights that hold a NaN or an infinity. When a periodic save
+    fell on the epoch's last step, the epoch end (after validation, which changes no weight) does not write the same
+    ``last`` weights again: only the state, for the new ``best``.
     """
 
     def __init__(self, checkpoint_dir, steps_per_epoch, every_steps=0, monitor="val_AP", best=None, chief=True):
@@ -505,11 +507,13 @@ class CheckpointManager(keras.callbacks.Callback):
         self.monitor = monitor
         self.best = best
         self.chief = chief
+        self._periodic_step = None  # the global step of the last periodic save
 
     def global_step(self):
         return int(self.model.optimizer.iterations.numpy())
 
-    def save(self, reason=""):
+    def save(self, reason="", new_best=False, write_last=True):
+        """Write ``last`` (unless ``write_last`` is false), ``best`` with ``new_best``, and the state."""
         step = self.global_step()
         epoch = step // self.steps_per_epoch  # completed epochs (a run stopped mid-epoch resumes inside it)
         # Only the chief writes. The other workers need not take part: save_weights reads the model and optimizer
@@ -522,7 +526,11 @@ class CheckpointManager(keras.callbacks.Callback):
             # Never replace a good checkpoint with poisoned weights (StopOnNonFinite stops the run itself).
             log.error("checkpoint at step %d NOT written: non-finite values in %s", step, ", ".join(bad[:5]))
             return
-        atomic_save_weights(self.model, os.path.join(self.checkpoint_dir, LAST_WEIGHTS))
+        if new_best:
+            atomic_save_weights(self.model, os.path.join(self.checkpoint_dir, BEST_WEIGHTS))
+            log.info("new best %s = %.4f at epoch %d", self.monitor, self.best, epoch)
+        if write_last:
+            atomic_save_weights(self.model, os.path.join(self.checkpoint_dir, LAST_WEIGHTS))
         atomic_write_json(
             {"epoch": epoch, "global_step": step, "best": self.best, "monitor": self.monitor,
              "steps_per_epoch": self.steps_per_epoch},
@@ -531,19 +539,19 @@ class CheckpointManager(keras.callbacks.Callback):
         log.info("checkpoint saved at epoch %d, step %d%s", epoch, step, f" ({reason})" if reason else "")
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.every_steps and _finite(logs) and self.global_step() % self.every_steps == 0:
+        step = self.global_step()
+        if self.every_steps and _finite(logs) and step % self.every_steps == 0:
             self.save("periodic")
+            self._periodic_step = step
 
     def on_epoch_end(self, epoch, logs=None):
         if not _finite(logs):
             return
         value = (logs or {}).get(self.monitor)
-        if value is not None and np.isfinite(value) and (self.best is None or value > self.best):
+        new_best = value is not None and np.isfinite(value) and (self.best is None or value > self.best)
+        if new_best:
             self.best = float(value)
-            if self.chief and not nonfinite_variables(self.model):
-                atomic_save_weights(self.model, os.path.join(self.checkpoint_dir, BEST_WEIGHTS))
-                log.info("new best %s = %.4f at epoch %d", self.monitor, value, epoch + 1)
-        self.save("end of epoch")
+        self.save("end of epoch", new_best=new_best, write_last=self.global_step() != self._periodic_step)
 
 
 def _finite(logs):

@@ -229,6 +229,23 @@ def test_nonfinite_variables_reads_the_current_values_each_call():
     assert training.nonfinite_variables(model) == []
 
 
+def test_epoch_end_does_not_rewrite_the_weights_a_periodic_save_just_wrote(tmp_path, monkeypatch):
+    written = []
+    real = training.atomic_save_weights
+    monkeypatch.setattr(training, "atomic_save_weights",
+                        lambda model, path: (written.append(os.path.basename(path)), real(model, path)))
+    model = tiny_model()
+    run(model, tmp_path, epochs=2, steps=4, every=2)  # periodic saves at steps 2, 4, 6, 8; epochs end at 4 and 8
+    assert written.count(training.LAST_WEIGHTS) == 4
+    state = training.read_state(str(tmp_path))
+    assert state["global_step"] == 8 and state["epoch"] == 2
+    saved = tiny_model()
+    saved.build((None, 3))
+    training.load_checkpoint(saved, str(tmp_path / training.LAST_WEIGHTS))
+    for got, want in zip(saved.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_checkpoint_manager_refuses_nonfinite_weights(tmp_path):
     model = tiny_model()
     model.build((None, 3))
