@@ -19,15 +19,17 @@ def test_shipped_configs_load(name):
 
 
 def test_shapes_long_is_the_shapes_recipe_trained_longer():
-    # Only the length of training (and the data it needs) may differ: same model, same validation images.
+    # Only the length of training, the data it needs and the ROIs sampled per training image may differ: the same
+    # model (the same weights fit both), the same validation images.
     short, long = load_config("shapes.yaml").to_dict(), load_config("shapes_long.yaml").to_dict()
     differ = {(section, key) for section in short for key in short[section]
               if short[section][key] != long[section][key]}
     assert differ == {("data", "root"), ("data", "synthetic"), ("train", "epochs"), ("train", "lr_decay_epochs"),
-                      ("train", "val_every")}
+                      ("model", "num_rois")}
     assert {k for k in short["data"]["synthetic"] if short["data"]["synthetic"][k] != long["data"]["synthetic"][k]} \
         == {"num_train"}
     assert long["train"]["epochs"] * long["train"]["steps_per_epoch"] == 2000
+    assert (short["model"]["num_rois"], long["model"]["num_rois"]) == (16, 32)
 
 
 def test_voc_recipe():
