@@ -1,19 +1,60 @@
-"""frcnn: Faster R-CNN (ResNet-50-C4) on Keras 3 with the TensorFlow backend.
+"""frcnn: Faster R-CNN (ResNet-50-C4) on Keras 3: TensorFlow (the default backend), JAX or PyTorch.
 
     import frcnn
-    cfg = frcnn.load_config("voc.yaml", overrides=["model.num_rois=64"])
+    cfg = frcnn.load_config("voc.yaml", overrides=["train.batch_size=4"])
     model = frcnn.build_model(cfg)
     detections = model.detect([image])   # list of HxWx3 uint8 RGB arrays
+
+``import frcnn`` is cheap: the names below are imported on first use (PEP 562), so the command-line tools can set
+up logging and the Keras backend before Keras (and its backend) is imported.
+
+Backend: ``KERAS_BACKEND`` (or ``~/.keras/keras.json``) as Keras reads it. Where neither names one, frcnn picks
+TensorFlow, or JAX, then PyTorch, when TensorFlow is not installed.
 """
 
-import os as _os
+import importlib
+import importlib.util
+import json
+import os
 
-_os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+__version__ = "0.2.0"
 
-from frcnn.config import Config, ConfigError, load_config, save_config  # noqa: E402
-from frcnn.layers import RoiPoolingConv  # noqa: E402
-from frcnn.model import FasterRCNN  # noqa: E402
-from frcnn import model as _model  # noqa: E402
+
+def _default_backend():
+    """TensorFlow unless the user chose a backend; JAX or PyTorch where TensorFlow is not installed."""
+    if "KERAS_BACKEND" in os.environ:
+        return
+    config = os.path.join(os.path.expanduser(os.environ.get("KERAS_HOME", "~/.keras")), "keras.json")
+    try:
+        with open(config, encoding="utf-8") as f:
+            if json.load(f).get("backend"):
+                return
+    except (OSError, ValueError, AttributeError):
+        pass
+    for backend, module in (("tensorflow", "tensorflow"), ("jax", "jax"), ("torch", "torch")):
+        try:
+            if importlib.util.find_spec(module) is not None:
+                os.environ["KERAS_BACKEND"] = backend
+                return
+        except (ImportError, ValueError):  # a module set to None in sys.modules (tests hide TensorFlow that way)
+            continue
+    os.environ["KERAS_BACKEND"] = "tensorflow"  # Keras' own default; its import error then says what is missing
+
+
+_default_backend()
+
+# name -> module that defines it
+_EXPORTS = {
+    "Config": "frcnn.config",
+    "ConfigError": "frcnn.config",
+    "load_config": "frcnn.config",
+    "save_config": "frcnn.config",
+    "RoiPoolingConv": "frcnn.layers",
+    "FasterRCNN": "frcnn.model",
+    "load_trained_model": "frcnn.loading",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__", "build_model"]
 
 
 def build_model(cfg, load_weights=True):
@@ -22,12 +63,23 @@ def build_model(cfg, load_weights=True):
 
     The class lookup lives here, above the model, so that ``frcnn.model`` never imports the data pipeline.
     """
+    from frcnn import model
+
     if cfg.data.classes is None:
         from frcnn.data import resolve_classes
 
         cfg = resolve_classes(cfg)
-    return _model.build_model(cfg, load_weights)
+    return model.build_model(cfg, load_weights)
 
 
-__all__ = ["Config", "ConfigError", "FasterRCNN", "RoiPoolingConv", "build_model", "load_config", "save_config"]
-__version__ = "0.1.0"
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'frcnn' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
