@@ -93,8 +93,9 @@ def prepare_variant(cfg, variant, sizes, args):
     previous = keras.mixed_precision.global_policy().name
     try:
         log(f"{variant.name}: building")
-        model = workload.build(workload.variant_config(cfg, variant))
-        tasks, seen = workload.tasks(model, model.cfg, variant, sizes, split=args.split)
+        variant_cfg = workload.variant_config(cfg, variant)
+        model = workload.build(variant_cfg)
+        tasks, seen = workload.tasks(model, variant_cfg, variant, sizes, split=args.split)
         log(f"{variant.name}: {args.warmup} warm-up call(s) per task (the first traces and compiles)")
         warm = measure.interleaved(tasks, warmup=args.warmup, repeats=0, log=lambda m: log(f"{variant.name}: {m}"))
         return model, tasks, seen, warm

@@ -6,7 +6,7 @@ variant:
 
 - ``infer``: ``model.predict_on_batch`` (Keras' compiled predict function) on prepared synthetic images;
 - ``train``: ``model.train_on_batch`` (Keras' compiled train step, what ``fit`` runs) on the same images with random
-  ground-truth boxes, optimizer from ``frcnn.training.make_optimizer``;
+  ground-truth boxes, optimizer from ``frcnn.optim.make_optimizer``;
 - one task per inference stage (:data:`STAGES`): the model's own parts called on the previous stage's outputs,
   each compiled on its own (:func:`benchmarks.measure.compile_fn`, XLA when the variant has it);
 - one task per training stage (:data:`TRAIN_STAGES`, named ``train:<stage>``): that part's forward and backward
@@ -62,15 +62,15 @@ def base_config(config, overrides, sizes):
         f"input.min_size={sizes.min_size}",
         f"input.min_size_test={sizes.min_size}",
         f"input.max_size={sizes.max_size}",
-        f"model.rpn_post_nms_topk_test={sizes.proposals}",
-        f"model.num_rois={sizes.rois}",
+        f"rpn.post_nms_topk_test={sizes.proposals}",
+        f"roi_heads.num_rois={sizes.rois}",
         f"train.batch_size={sizes.batch}",
         f"eval.batch_size={sizes.batch}",
     ]
     cfg = load_config(config, defaults + list(overrides) + settings)
     # The pre-NMS top-k at test time must be at least the number of proposals kept.
-    topk = max(sizes.proposals, cfg.model.rpn_pre_nms_topk_test)
-    cfg = load_config(config, defaults + list(overrides) + settings + [f"model.rpn_pre_nms_topk_test={topk}"])
+    topk = max(sizes.proposals, cfg.rpn.pre_nms_topk_test)
+    cfg = load_config(config, defaults + list(overrides) + settings + [f"rpn.pre_nms_topk_test={topk}"])
     if cfg.data.classes is None:
         names = tuple(f"class{i}" for i in range(1, 21))
         cfg = cfg.replace(data=dataclasses.replace(cfg.data, classes=names))
@@ -120,10 +120,10 @@ def random_boxes(rng, image_sizes, count, low, high):
 def build(cfg):
     """``frcnn.build_model(cfg)`` compiled as ``engine.train`` compiles it (``train.jit_compile``)."""
     import frcnn
-    from frcnn import training
+    from frcnn import optim
 
     model = frcnn.build_model(cfg)
-    model.compile(optimizer=training.make_optimizer(cfg, steps_per_epoch=1000), jit_compile=cfg.train.jit_compile)
+    model.compile(optimizer=optim.make_optimizer(cfg, steps_per_epoch=1000), jit_compile=cfg.train.jit_compile)
     return model
 
 
@@ -147,7 +147,7 @@ def stage_tasks(model, batch, jit_compile):
     rpn, heads = model.rpn, model.roi_heads
 
     def trunk(images, image_sizes):
-        return model.trunk(model.normalize_images(images, image_sizes), training=False)
+        return model.trunk(model.transform.normalize(images, image_sizes), training=False)
 
     def proposals(features, logits, deltas, image_sizes):
         shape = ops.shape(features)
@@ -189,7 +189,7 @@ def train_stage_tasks(model, train_batch, rois_per_image, jit_compile, seed=0):
 
     rpn, heads = model.rpn, model.roi_heads
     image_sizes = ops.convert_to_tensor(train_batch["image_sizes"].astype(np.int32))
-    images = model.normalize_images(ops.convert_to_tensor(train_batch["images"]), image_sizes)
+    images = model.transform.normalize(ops.convert_to_tensor(train_batch["images"]), image_sizes)
     features = model.trunk(images, training=True)
     rng = np.random.default_rng(seed)
     rois = ops.convert_to_tensor(random_boxes(rng, train_batch["image_sizes"], rois_per_image, 0.05, 0.5))

@@ -3,7 +3,8 @@
     import frcnn
     cfg = frcnn.load_config("voc.yaml", overrides=["train.batch_size=4"])
     model = frcnn.build_model(cfg)
-    detections = model.detect([image])   # list of HxWx3 uint8 RGB arrays
+    detections = frcnn.detect(model, [image])   # list of HxWx3 uint8 RGB arrays
+    model = frcnn.FasterRCNN.from_preset("detectron2_coco_r50_c4_3x")   # Detectron2's trained R50-C4
 
 ``import frcnn`` is cheap: the names below are imported on first use (PEP 562), so the command-line tools can set
 up logging and the Keras backend before Keras (and its backend) is imported.
@@ -51,6 +52,7 @@ _EXPORTS = {
     "save_config": "frcnn.config",
     "RoiPoolingConv": "frcnn.layers",
     "FasterRCNN": "frcnn.model",
+    "detect": "frcnn.inference",
     "load_trained_model": "frcnn.loading",
 }
 

@@ -182,37 +182,37 @@ def _norm(kind, name, zero_init=False):
     return layers.BatchNormalization(axis=-1, epsilon=BN_EPSILON, gamma_initializer=gamma, name=name)
 
 
-def _conv(filters, kernel, name, strides=1, padding="valid", per_roi=False):
+def _conv(filters, kernel, name, strides=1, padding="valid", matmul_form="none"):
     return Conv2D(filters, kernel, strides=strides, padding=padding, kernel_initializer="he_normal",
-                  matmul_form=per_roi, name=name)
+                  matmul_form=matmul_form, name=name)
 
 
-def _bottleneck(x, filters, stride, shortcut_conv, name, norm, per_roi=False):
+def _bottleneck(x, filters, stride, shortcut_conv, name, norm, matmul_form="none"):
     # Zero-initialised last norm gamma makes each residual block start as the identity: the standard trick that
     # lets a deep ResNet train from scratch. Only for norms that train; frozen ones keep gamma = 1.
     zero_last = norm != "frozen"
     if shortcut_conv:
-        shortcut = _conv(4 * filters, 1, name + "_0_conv", strides=stride, per_roi=per_roi)(x)
+        shortcut = _conv(4 * filters, 1, name + "_0_conv", strides=stride, matmul_form=matmul_form)(x)
         shortcut = _norm(norm, name + "_0_bn")(shortcut)
     else:
         shortcut = x
-    x = _conv(filters, 1, name + "_1_conv", strides=stride, per_roi=per_roi)(x)
+    x = _conv(filters, 1, name + "_1_conv", strides=stride, matmul_form=matmul_form)(x)
     x = _norm(norm, name + "_1_bn")(x)
     x = layers.Activation("relu", name=name + "_1_relu")(x)
-    x = _conv(filters, 3, name + "_2_conv", padding="same", per_roi=per_roi)(x)
+    x = _conv(filters, 3, name + "_2_conv", padding="same", matmul_form=matmul_form)(x)
     x = _norm(norm, name + "_2_bn")(x)
     x = layers.Activation("relu", name=name + "_2_relu")(x)
-    x = _conv(4 * filters, 1, name + "_3_conv", per_roi=per_roi)(x)
+    x = _conv(4 * filters, 1, name + "_3_conv", matmul_form=matmul_form)(x)
     x = _norm(norm, name + "_3_bn", zero_init=zero_last)(x)
     x = layers.Add(name=name + "_add")([shortcut, x])
     return layers.Activation("relu", name=name + "_out")(x)
 
 
-def _stage(x, stage, norm, per_roi=False):
+def _stage(x, stage, norm, matmul_form="none"):
     name, filters, blocks, stride = stage
-    x = _bottleneck(x, filters, stride, True, f"{name}_block1", norm, per_roi)
+    x = _bottleneck(x, filters, stride, True, f"{name}_block1", norm, matmul_form)
     for i in range(2, blocks + 1):
-        x = _bottleneck(x, filters, 1, False, f"{name}_block{i}", norm, per_roi)
+        x = _bottleneck(x, filters, 1, False, f"{name}_block{i}", norm, matmul_form)
     return x
 
 
@@ -238,13 +238,26 @@ def build_trunk(norm="frozen", freeze_at=2):
     return trunk
 
 
-def build_res5(norm="frozen"):
+def build_res5(norm="frozen", matmul_form="all"):
     """The res5 stage (``conv5`` blocks): ``(n, P, P, 1024) -> (n, ceil(P/2), ceil(P/2), 2048)``, one ROI per sample.
 
-    Many small maps (one per ROI): in training its convolutions are computed as matrix products (:class:`Conv2D`
-    with ``matmul_form``); in inference they are Keras' own."""
+    Many small maps (one per ROI): with ``matmul_form="all"`` its convolutions are computed as matrix products in
+    training (:class:`Conv2D`; a speed path measured on a CPU, ``train.speed_paths``); in inference they are
+    Keras' own."""
     inputs = keras.Input((None, None, TRUNK_CHANNELS), name="roi_features")
-    return keras.Model(inputs, _stage(inputs, STAGES[3], norm, per_roi=True), name="resnet50_res5")
+    return keras.Model(inputs, _stage(inputs, STAGES[3], norm, matmul_form), name="resnet50_res5")
+
+
+def norm_kind(model):
+    """``frozen``, ``batch`` or ``group``: the normalisation layers of a model built here (None without any)."""
+    for layer in model.layers:
+        if isinstance(layer, FrozenBatchNormalization):
+            return "frozen"
+        if isinstance(layer, layers.GroupNormalization):
+            return "group"
+        if isinstance(layer, layers.BatchNormalization):
+            return "batch"
+    return None
 
 
 def _imagenet_source(weights):

@@ -11,8 +11,13 @@ Shape shorthand: ``N``, ``M`` box counts; ``...`` any leading batch dimensions. 
 tensors and broadcasts over the leading dimensions.
 
 Box deltas follow R-CNN: ``dx = wx * (gx - ax) / aw``, ``dy = wy * (gy - ay) / ah``, ``dw = ww * log(gw / aw)``,
-``dh = wh * log(gh / ah)`` with centres ``(gx, gy)``, ``(ax, ay)``. The weights ``(wx, wy, ww, wh)`` are config values:
-``(1, 1, 1, 1)`` for the RPN, ``(10, 10, 5, 5)`` for the ROI head.
+``dh = wh * log(gh / ah)`` with centres ``(gx, gy)``, ``(ax, ay)``. The weights ``(wx, wy, ww, wh)`` are config values
+(``rpn.box_weights``, ``roi_heads.box_weights``) held by one :class:`BoxCoder` per part.
+
+Also :func:`pairwise_iou_numpy`, the same IoU in NumPy for code that runs outside the model (evaluation, data
+generation).
+
+Owns: the box convention and box coding. Imports nothing from ``frcnn``.
 """
 
 import math
@@ -51,45 +56,91 @@ def pairwise_iou(boxes_a, boxes_b):
     return ops.divide_no_nan(inter, union)
 
 
+def pairwise_iou_numpy(boxes_a, boxes_b):
+    """:func:`pairwise_iou` in NumPy (float64) for ``(N, 4)`` and ``(M, 4)`` arrays: ``(N, M)``."""
+    import numpy as np
+
+    a = np.asarray(boxes_a, np.float64).reshape(-1, 4)
+    b = np.asarray(boxes_b, np.float64).reshape(-1, 4)
+    iw = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    ih = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    inter = iw * ih
+    area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
+    area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
 def _centre_size(boxes):
     w = boxes[..., 2] - boxes[..., 0]
     h = boxes[..., 3] - boxes[..., 1]
     return boxes[..., 0] + 0.5 * w, boxes[..., 1] + 0.5 * h, w, h
 
 
-def encode(reference_boxes, target_boxes, weights=(1.0, 1.0, 1.0, 1.0)):
-    """Deltas that turn ``reference_boxes`` (anchors or proposals) into ``target_boxes``; both ``(..., 4)``.
+class BoxCoder:
+    """The R-CNN box parametrisation with fixed weights ``(wx, wy, ww, wh)``: one object, made once by the part
+    that owns the weights (the RPN with ``(1, 1, 1, 1)``, the ROI heads with ``(10, 10, 5, 5)``) and handed to
+    whatever encodes or decodes for it (its targets, its proposal or detection decoder), as torchvision's
+    ``BoxCoder`` and Detectron2's ``Box2BoxTransform``.
 
-    Reference boxes must have positive width and height; target boxes too (callers only encode matched ground
-    truth, and the data readers drop empty boxes).
+    ``scale_clamp``: the largest ``dw`` / ``dh`` (after dividing by the weights) applied when decoding, so that a
+    wild prediction gives a huge box, not ``inf``.
     """
-    wx, wy, ww, wh = weights
-    ax, ay, aw, ah = _centre_size(_f32(reference_boxes))
-    gx, gy, gw, gh = _centre_size(_f32(target_boxes))
-    return ops.stack(
-        [wx * (gx - ax) / aw, wy * (gy - ay) / ah, ww * ops.log(gw / aw), wh * ops.log(gh / ah)],
-        axis=-1,
-    )
 
+    def __init__(self, weights=(1.0, 1.0, 1.0, 1.0), scale_clamp=BBOX_XFORM_CLIP):
+        weights = tuple(float(w) for w in weights)
+        if len(weights) != 4 or any(w <= 0 for w in weights):
+            raise ValueError(f"box coder weights must be four positive numbers, got {list(weights)}")
+        self.weights = weights
+        self.scale_clamp = float(scale_clamp)
 
-def decode(deltas, reference_boxes, weights=(1.0, 1.0, 1.0, 1.0)):
-    """Inverse of :func:`encode`: apply ``(..., 4)`` deltas to ``(..., 4)`` reference boxes.
+    @classmethod
+    def of(cls, value):
+        """A :class:`BoxCoder` from itself, its :meth:`get_config` dict or four weights."""
+        if isinstance(value, BoxCoder):
+            return value
+        if isinstance(value, dict):
+            return cls(**value)
+        return cls(value)
 
-    ``dw`` and ``dh`` are clipped at ``BBOX_XFORM_CLIP`` so a wild prediction gives a huge box, not ``inf``.
-    Computed in float32 whatever the dtype of ``deltas`` (mixed precision keeps box maths in float32).
-    """
-    deltas = _f32(deltas)
-    wx, wy, ww, wh = weights
-    ax, ay, aw, ah = _centre_size(_f32(reference_boxes))
-    dx = deltas[..., 0] / wx
-    dy = deltas[..., 1] / wy
-    dw = ops.minimum(deltas[..., 2] / ww, BBOX_XFORM_CLIP)
-    dh = ops.minimum(deltas[..., 3] / wh, BBOX_XFORM_CLIP)
-    cx = dx * aw + ax
-    cy = dy * ah + ay
-    w = ops.exp(dw) * aw
-    h = ops.exp(dh) * ah
-    return ops.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1)
+    def encode(self, reference_boxes, target_boxes):
+        """Deltas that turn ``reference_boxes`` (anchors or proposals) into ``target_boxes``; both ``(..., 4)``.
+
+        Reference boxes must have positive width and height; target boxes too (callers only encode matched ground
+        truth, and the data readers drop empty boxes).
+        """
+        wx, wy, ww, wh = self.weights
+        ax, ay, aw, ah = _centre_size(_f32(reference_boxes))
+        gx, gy, gw, gh = _centre_size(_f32(target_boxes))
+        return ops.stack(
+            [wx * (gx - ax) / aw, wy * (gy - ay) / ah, ww * ops.log(gw / aw), wh * ops.log(gh / ah)],
+            axis=-1,
+        )
+
+    def decode(self, deltas, reference_boxes):
+        """Inverse of :meth:`encode`: apply ``(..., 4)`` deltas to ``(..., 4)`` reference boxes, in float32 whatever
+        the dtype of ``deltas`` (mixed precision keeps box maths in float32)."""
+        deltas = _f32(deltas)
+        wx, wy, ww, wh = self.weights
+        ax, ay, aw, ah = _centre_size(_f32(reference_boxes))
+        dx = deltas[..., 0] / wx
+        dy = deltas[..., 1] / wy
+        dw = ops.minimum(deltas[..., 2] / ww, self.scale_clamp)
+        dh = ops.minimum(deltas[..., 3] / wh, self.scale_clamp)
+        cx = dx * aw + ax
+        cy = dy * ah + ay
+        w = ops.exp(dw) * aw
+        h = ops.exp(dh) * ah
+        return ops.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1)
+
+    def get_config(self):
+        return {"weights": list(self.weights), "scale_clamp": self.scale_clamp}
+
+    def __eq__(self, other):
+        return isinstance(other, BoxCoder) and (self.weights, self.scale_clamp) == (other.weights, other.scale_clamp)
+
+    def __repr__(self):
+        return f"BoxCoder(weights={self.weights}, scale_clamp={self.scale_clamp:.4g})"
 
 
 def clip(boxes, image_size):

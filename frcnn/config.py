@@ -4,11 +4,18 @@ The dataclass defaults below are the single source of default values; ``configs/
 comment per key (a test keeps the two equal). An experiment file overrides a few keys, optionally on top of another
 file named by ``_base_``. Unknown keys and wrong types are errors that name the key and the file.
 
-This module imports nothing from ``frcnn`` but the stdlib-only ``fileio``: everything else reads a :class:`Config`, and only
-``frcnn.model.build_model`` turns one into a model.
+Sections: ``input`` (resize, pad, normalise), ``data`` (datasets), ``model`` (backbone: weights, norm, freezing,
+stride), ``anchors``, ``rpn``, ``roi_heads``, ``train`` and ``eval``. Each section's dataclass checks its own values;
+:func:`validate` runs them and the few rules that span sections. The keys of frcnn 0.1's flat ``model`` section
+(``model.num_rois``, ``model.rpn_channels``, ...) still load, mapped by :data:`LEGACY_KEYS`.
+
+Owns: the config format. Must not import anything from ``frcnn`` but the stdlib-only ``fileio``: everything else
+reads a :class:`Config`, and only the factories (``from_cfg`` of the parts, ``frcnn.model.build_model``) turn one
+into objects.
 """
 
 import dataclasses
+import logging
 import os
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +25,8 @@ import yaml
 
 from frcnn.fileio import atomic_path
 
+log = logging.getLogger(__name__)
+
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
@@ -25,8 +34,41 @@ class ConfigError(ValueError):
     """A config that cannot be used: the message names the key (and the file, when there is one)."""
 
 
+class _Section:
+    """A config section that checks its own values: :meth:`validate` calls ``fail(key, why)`` (``key`` relative to
+    the section) for the first impossible value. ``_CHOICES`` and ``_POSITIVE`` cover the common rules; ``_check``
+    the section's own."""
+
+    _CHOICES = {}
+    _POSITIVE = ()
+
+    def validate(self, fail):
+        for name, choices in self._CHOICES.items():
+            if getattr(self, name) not in choices:
+                fail(name, f"must be one of {', '.join(map(str, choices))}, got {getattr(self, name)!r}")
+        for name in self._POSITIVE:
+            if getattr(self, name) <= 0:
+                fail(name, f"must be positive, got {getattr(self, name)!r}")
+        self._check(fail)
+
+    def _check(self, fail):
+        pass
+
+
+def _in_unit_interval(section, fail, names, open_low=False):
+    for name in names:
+        value = getattr(section, name)
+        if not (0.0 < value <= 1.0 if open_low else 0.0 <= value <= 1.0):
+            fail(name, f"must be in {'(0, 1]' if open_low else '[0, 1]'}, got {value}")
+
+
+def _box_weights(fail, name, weights):
+    if len(weights) != 4 or any(w <= 0 for w in weights):
+        fail(name, f"must be four positive numbers, got {list(weights)}")
+
+
 @dataclass(frozen=True)
-class InputConfig:
+class InputConfig(_Section):
     min_size: Union[int, Tuple[int, ...]] = 600  # shorter side after resizing (pixels); a list: one drawn per image
     min_size_test: Optional[int] = None  # shorter side at test time; None: min_size (the largest, for a list)
     max_size: int = 1000  # cap on the longer side
@@ -38,6 +80,9 @@ class InputConfig:
     pixel_mean: Tuple[float, ...] = (103.939, 116.779, 123.68)  # subtracted per channel, in channel_order
     pixel_std: Tuple[float, ...] = (1.0, 1.0, 1.0)  # then divided per channel, in channel_order
 
+    _CHOICES = {"channel_order": ("bgr", "rgb")}
+    _POSITIVE = ("max_size", "max_gt", "size_divisibility")
+
     @property
     def train_min_sizes(self):
         """The shorter sides training draws from (one per image), as a tuple."""
@@ -48,9 +93,22 @@ class InputConfig:
         """The shorter side for evaluation, inference and export."""
         return self.min_size_test if self.min_size_test is not None else max(self.train_min_sizes)
 
+    def _check(self, fail):
+        if not self.train_min_sizes or any(v <= 0 for v in self.train_min_sizes):
+            fail("min_size", f"must be a positive size or a non-empty list of them, got {self.min_size!r}")
+        if self.min_size_test is not None and self.min_size_test <= 0:
+            fail("min_size_test", f"must be positive or null, got {self.min_size_test!r}")
+        if self.max_size < max(self.train_min_sizes + (self.test_min_size,)):
+            fail("max_size", f"({self.max_size}) must be >= input.min_size ({self.min_size}) and "
+                             "input.min_size_test")
+        if len(self.pixel_mean) != 3:
+            fail("pixel_mean", f"must be three numbers (one per channel), got {list(self.pixel_mean)}")
+        if len(self.pixel_std) != 3 or any(v <= 0 for v in self.pixel_std):
+            fail("pixel_std", f"must be three positive numbers, got {list(self.pixel_std)}")
+
 
 @dataclass(frozen=True)
-class SyntheticConfig:
+class SyntheticConfig(_Section):
     num_train: int = 96
     num_val: int = 24
     image_size: int = 256
@@ -58,9 +116,17 @@ class SyntheticConfig:
     object_size: Optional[Tuple[float, ...]] = None  # (min, max) object extent in pixels; None: 24..112 * size/256
     seed: int = 0
 
+    _POSITIVE = ("num_train", "num_val", "image_size", "max_objects")
+
+    def _check(self, fail):
+        size = self.object_size
+        if size is not None and not (len(size) == 2 and 4 <= size[0] <= size[1] < self.image_size):
+            fail("object_size", "must be null or [min, max] pixels with 4 <= min <= max < "
+                                f"data.synthetic.image_size ({self.image_size}), got {list(size)}")
+
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Section):
     format: str = "voc"  # voc | coco | shapes
     root: Union[str, Tuple[str, ...]] = "data/VOCdevkit/VOC2007"  # one root or a list (VOC07+12)
     train_split: str = "trainval"
@@ -68,51 +134,122 @@ class DataConfig:
     classes: Optional[Tuple[str, ...]] = None  # read from the data when absent
     use_difficult: bool = False  # train on VOC 'difficult' boxes (evaluation always marks them ignore)
     strict: bool = False  # stop at the first bad file instead of skipping it
-    num_parallel_calls: int = -1  # tf.data parallelism; -1 = AUTOTUNE
+    num_parallel_calls: int = -1  # input pipeline parallelism; -1 = automatic
     shuffle_buffer: int = 1000
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
+    _CHOICES = {"format": ("voc", "coco", "shapes")}
+
+    def _check(self, fail):
+        if isinstance(self.root, tuple) and not self.root:
+            fail("root", "must not be an empty list")
+        if self.classes is not None:
+            if not self.classes:
+                fail("classes", "must not be empty")
+            if len(set(self.classes)) != len(self.classes):
+                fail("classes", "has duplicate names")
+            if "__background__" in self.classes:
+                fail("classes", "must not list the background class (it is added as index 0)")
+        self.synthetic.validate(lambda key, why: fail(f"synthetic.{key}", why))
+
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Section):
     backbone_weights: str = "none"  # none | imagenet | Keras ResNet-50 .h5 | Detectron2 .pkl | detectron2:<name>
     norm: str = "frozen"  # frozen | batch | group
     freeze_at: int = 2  # 0: train all; 1: freeze the stem (conv1); 2: stem and res2
-    anchor_sizes: Tuple[float, ...] = (128.0, 256.0, 512.0)
-    anchor_ratios: Tuple[float, ...] = (0.5, 1.0, 2.0)
-    feature_stride: int = 16
-    anchor_offset: float = 0.5  # anchor centres at (x + offset) * stride; 0.5: cell centres, 0.0: Detectron2
-    rpn_channels: int = 1024
-    rpn_pre_nms_topk_train: int = 12000
-    rpn_post_nms_topk_train: int = 2000
-    rpn_pre_nms_topk_test: int = 6000
-    rpn_post_nms_topk_test: int = 300
-    rpn_nms_thresh: float = 0.7
-    rpn_min_size: float = 0.0  # proposals with a shorter side below this many pixels are dropped
-    rpn_batch_size_per_image: int = 256
-    rpn_positive_fraction: float = 0.5
-    rpn_fg_iou: float = 0.7
-    rpn_bg_iou: float = 0.3
-    rpn_box_weights: Tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
-    rpn_smooth_l1_beta: float = 1.0 / 9.0
+    feature_stride: int = 16  # stride of the res4 feature map
+
+    _CHOICES = {"norm": ("frozen", "batch", "group"), "freeze_at": (0, 1, 2, 3, 4)}
+    _POSITIVE = ("feature_stride",)
+
+    def _check(self, fail):
+        weights = self.backbone_weights
+        if (weights.lower() not in ("none", "imagenet") and not weights.startswith("detectron2:")
+                and not weights.endswith((".h5", ".weights.h5", ".keras", ".pkl"))):
+            fail("backbone_weights", "must be none, imagenet, a .h5 file path, a Detectron2 .pkl file path or a "
+                                     f"detectron2:<model zoo name> (see README), got {weights!r}")
+
+
+@dataclass(frozen=True)
+class AnchorConfig(_Section):
+    sizes: Tuple[float, ...] = (128.0, 256.0, 512.0)  # side lengths (square root of the area), input pixels
+    ratios: Tuple[float, ...] = (0.5, 1.0, 2.0)  # height / width
+    offset: float = 0.5  # anchor centres at (x + offset) * stride; 0.5: cell centres, 0.0: Detectron2
+
+    def _check(self, fail):
+        for name in ("sizes", "ratios"):
+            values = getattr(self, name)
+            if not values:
+                fail(name, "must not be empty")
+            if any(v <= 0 for v in values):
+                fail(name, f"must all be positive, got {list(values)}")
+        if not 0.0 <= self.offset < 1.0:
+            fail("offset", f"must be in [0, 1), got {self.offset}")
+
+
+@dataclass(frozen=True)
+class RPNConfig(_Section):
+    channels: int = 1024  # channels of the head's 3x3 conv
+    pre_nms_topk_train: int = 12000
+    post_nms_topk_train: int = 2000
+    pre_nms_topk_test: int = 6000
+    post_nms_topk_test: int = 300
+    nms_thresh: float = 0.7
+    min_size: float = 0.0  # proposals with a shorter side below this many pixels are dropped
+    batch_size_per_image: int = 256
+    positive_fraction: float = 0.5
+    fg_iou: float = 0.7
+    bg_iou: float = 0.3
+    box_weights: Tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
+    smooth_l1_beta: float = 1.0 / 9.0
+    loss_weight: float = 1.0
+
+    _POSITIVE = ("channels", "pre_nms_topk_train", "post_nms_topk_train", "pre_nms_topk_test",
+                 "post_nms_topk_test", "batch_size_per_image")
+
+    def _check(self, fail):
+        _box_weights(fail, "box_weights", self.box_weights)
+        _in_unit_interval(self, fail, ("positive_fraction",), open_low=True)
+        _in_unit_interval(self, fail, ("nms_thresh", "fg_iou", "bg_iou"))
+        if self.bg_iou > self.fg_iou:
+            fail("bg_iou", f"({self.bg_iou}) must be <= rpn.fg_iou ({self.fg_iou})")
+        for mode in ("train", "test"):
+            if getattr(self, f"post_nms_topk_{mode}") > getattr(self, f"pre_nms_topk_{mode}"):
+                fail(f"post_nms_topk_{mode}", f"must be <= rpn.pre_nms_topk_{mode}")
+
+
+@dataclass(frozen=True)
+class ROIHeadsConfig(_Section):
     num_rois: int = 128  # ROIs sampled per image in training
-    roi_positive_fraction: float = 0.25
-    roi_fg_iou: float = 0.5
-    roi_bg_iou_low: float = 0.0
-    roi_box_weights: Tuple[float, ...] = (10.0, 10.0, 5.0, 5.0)
-    roi_smooth_l1_beta: float = 1.0
+    positive_fraction: float = 0.25
+    fg_iou: float = 0.5
+    bg_iou_low: float = 0.0
+    box_weights: Tuple[float, ...] = (10.0, 10.0, 5.0, 5.0)
+    smooth_l1_beta: float = 1.0
     pool_size: int = 14
     head_pooling: str = "avg"  # after res5: avg (to 1x1, Detectron2's C4) | none (Dense sees the whole map)
     sampling_ratio: int = 2  # RoIAlign samples per bin side; 0: adaptive, ceil(ROI side / pool_size) (Detectron2)
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
     max_detections: int = 100
-    rpn_loss_weight: float = 1.0
-    roi_loss_weight: float = 1.0
+    loss_weight: float = 1.0
+
+    _CHOICES = {"head_pooling": ("avg", "none")}
+    _POSITIVE = ("num_rois", "pool_size", "max_detections")
+
+    def _check(self, fail):
+        _box_weights(fail, "box_weights", self.box_weights)
+        _in_unit_interval(self, fail, ("positive_fraction",), open_low=True)
+        _in_unit_interval(self, fail, ("fg_iou", "nms_thresh", "score_thresh"))
+        if not 0.0 <= self.bg_iou_low < self.fg_iou:
+            fail("bg_iou_low", f"must be in [0, roi_heads.fg_iou), got {self.bg_iou_low}")
+        if self.sampling_ratio < 0:
+            fail("sampling_ratio", f"must be >= 0 (0: adaptive), got {self.sampling_ratio}")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Section):
     epochs: int = 12
     steps_per_epoch: Optional[int] = None  # steps per epoch (data repeats as needed); None = one pass
     batch_size: int = 2  # global batch (split across replicas)
@@ -135,11 +272,36 @@ class TrainConfig:
     strategy: str = "default"  # default | mirrored | multi_worker
     mixed_precision: str = "off"  # off | mixed_float16 | mixed_bfloat16 | auto (bfloat16 where native)
     jit_compile: bool = False
+    speed_paths: str = "auto"  # kernels chosen by measurement on a CPU: auto (on a CPU only) | on | off
+
+    _CHOICES = {
+        "optimizer": ("sgd", "adam"),
+        "lr_schedule": ("step", "cosine"),
+        "strategy": ("default", "mirrored", "multi_worker"),
+        "mixed_precision": ("off", "mixed_float16", "mixed_bfloat16", "auto"),
+        "speed_paths": ("auto", "on", "off"),
+    }
+    _POSITIVE = ("epochs", "batch_size", "lr", "reference_batch_size")
+
+    def _check(self, fail):
+        if self.steps_per_epoch is not None and self.steps_per_epoch <= 0:
+            fail("steps_per_epoch", f"must be positive or null, got {self.steps_per_epoch}")
+        if self.clip_norm is not None and self.clip_norm <= 0:
+            fail("clip_norm", f"must be positive or null, got {self.clip_norm}")
+        if self.warmup_steps < 0 or not 0.0 < self.warmup_factor <= 1.0:
+            fail("warmup_steps/warmup_factor", "need warmup_steps >= 0 and warmup_factor in (0, 1]")
+        if self.weight_decay < 0 or self.momentum < 0:
+            fail("weight_decay/momentum", "must not be negative")
+        for name in ("val_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                fail(name, "must be >= 0")
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(_Section):
     batch_size: int = 1
+
+    _POSITIVE = ("batch_size",)
 
 
 @dataclass(frozen=True)
@@ -147,6 +309,9 @@ class Config:
     input: InputConfig = field(default_factory=InputConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    anchors: AnchorConfig = field(default_factory=AnchorConfig)
+    rpn: RPNConfig = field(default_factory=RPNConfig)
+    roi_heads: ROIHeadsConfig = field(default_factory=ROIHeadsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -156,12 +321,41 @@ class Config:
     def replace(self, **sections):
         return dataclasses.replace(self, **sections)
 
+    def with_values(self, **values):
+        """A copy with ``section__key=value`` pairs replaced (``cfg.with_values(roi_heads__score_thresh=0.0)``),
+        validated; a shorthand for nested ``dataclasses.replace``."""
+        sections = {}
+        for name, value in values.items():
+            section, key = name.split("__", 1)
+            sections.setdefault(section, {})[key] = value
+        cfg = self.replace(**{s: dataclasses.replace(getattr(self, s), **kv) for s, kv in sections.items()})
+        return validate(cfg)
+
     @property
     def num_classes(self):
         """Number of classes including background (index 0); needs ``data.classes``."""
         if self.data.classes is None:
             raise ConfigError("data.classes is not resolved yet (frcnn.data.resolve_classes fills it from the data)")
         return len(self.data.classes) + 1
+
+
+# Keys of the flat model section of frcnn 0.1 -> their sections today. YAML files, --set overrides and saved
+# config.yaml files written with the old names keep loading.
+LEGACY_KEYS = {
+    "model.anchor_sizes": "anchors.sizes",
+    "model.anchor_ratios": "anchors.ratios",
+    "model.anchor_offset": "anchors.offset",
+    "model.rpn_channels": "rpn.channels",
+    **{f"model.rpn_{key}": f"rpn.{key}" for key in (
+        "pre_nms_topk_train", "post_nms_topk_train", "pre_nms_topk_test", "post_nms_topk_test", "nms_thresh",
+        "min_size", "batch_size_per_image", "positive_fraction", "fg_iou", "bg_iou", "box_weights",
+        "smooth_l1_beta", "loss_weight")},
+    "model.num_rois": "roi_heads.num_rois",
+    **{f"model.roi_{key}": f"roi_heads.{key}" for key in (
+        "positive_fraction", "fg_iou", "bg_iou_low", "box_weights", "smooth_l1_beta", "loss_weight")},
+    **{f"model.{key}": f"roi_heads.{key}" for key in (
+        "pool_size", "head_pooling", "sampling_ratio", "score_thresh", "nms_thresh", "max_detections")},
+}
 
 
 # --------------------------------------------------------------------------------------------------- conversion
@@ -240,6 +434,28 @@ def _from_dict(cls, data, source, prefix=""):
     return cls(**kwargs)
 
 
+def upgrade_legacy_keys(data, source="<config>"):
+    """``data`` (a config dict) with the keys of :data:`LEGACY_KEYS` moved to their sections (a new dict). A file
+    that sets a key under both names is refused."""
+    model = data.get("model")
+    if not isinstance(model, dict) or not any(f"model.{key}" in LEGACY_KEYS for key in model):
+        return data
+    data = {name: dict(value) if isinstance(value, dict) else value for name, value in data.items()}
+    for key in list(model):
+        new = LEGACY_KEYS.get(f"model.{key}")
+        if new is None:
+            continue
+        section, name = new.split(".")
+        target = data.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"{source}: key '{section}' must be a mapping, got {target!r}")
+        if name in target:
+            raise ConfigError(f"{source}: key 'model.{key}' is the old name of '{new}', which is set too")
+        target[name] = data["model"].pop(key)
+        log.debug("%s: config key model.%s is now %s", source, key, new)
+    return data
+
+
 def _merge(base, override):
     out = dict(base)
     for key, value in override.items():
@@ -279,6 +495,7 @@ def _read_yaml(path, seen=()):
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
     base = data.pop("_base_", None)
+    data = upgrade_legacy_keys(data, path)
     if base is not None:
         base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
         if not os.path.isfile(base_path):
@@ -295,6 +512,7 @@ def parse_override(text):
     key = key.strip()
     if not key:
         raise ConfigError(f"override '{text}' has an empty key")
+    key = LEGACY_KEYS.get(key, key)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -317,7 +535,7 @@ def _apply_override(data, key, value):
 
 
 def config_from_dict(data, source="<dict>", overrides=()):
-    data = _merge({}, data or {})
+    data = upgrade_legacy_keys(_merge({}, data or {}), source)
     for text in overrides:
         key, value = parse_override(text)
         _apply_override(data, key, value)
@@ -349,119 +567,25 @@ def save_config(cfg, path):
 
 # --------------------------------------------------------------------------------------------------- validation
 
-_CHOICES = {
-    "data.format": ("voc", "coco", "shapes"),
-    "model.norm": ("frozen", "batch", "group"),
-    "train.optimizer": ("sgd", "adam"),
-    "train.strategy": ("default", "mirrored", "multi_worker"),
-    "model.head_pooling": ("avg", "none"),
-    "train.mixed_precision": ("off", "mixed_float16", "mixed_bfloat16", "auto"),
-    "input.channel_order": ("bgr", "rgb"),
-    "train.lr_schedule": ("step", "cosine"),
-}
+SECTIONS = ("input", "data", "model", "anchors", "rpn", "roi_heads", "train", "eval")
 
 
 def validate(cfg, source="<config>"):
-    """Refuse impossible values before any work starts; each message names the key."""
+    """Refuse impossible values before any work starts; each message names the key. Each section checks its own
+    values (``validate`` of the section's dataclass); the rules that span sections are here."""
 
-    def fail(key, why):
-        raise ConfigError(f"{source}: key '{key}' {why}")
+    def failing(prefix):
+        def fail(key, why):
+            raise ConfigError(f"{source}: key '{prefix}{key}' {why}")
+        return fail
 
-    for key, choices in _CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in choices:
-            fail(key, f"must be one of {', '.join(choices)}, got {value!r}")
-
-    positive = [
-        "input.max_size", "input.max_gt", "input.size_divisibility",
-        "model.feature_stride", "model.rpn_channels", "model.rpn_pre_nms_topk_train",
-        "model.rpn_post_nms_topk_train", "model.rpn_pre_nms_topk_test", "model.rpn_post_nms_topk_test",
-        "model.rpn_batch_size_per_image", "model.num_rois", "model.pool_size",
-        "model.max_detections", "train.epochs", "train.batch_size", "train.lr", "train.reference_batch_size",
-        "eval.batch_size", "data.synthetic.num_train", "data.synthetic.num_val", "data.synthetic.image_size",
-        "data.synthetic.max_objects",
-    ]
-    for key in positive:
-        node = cfg
-        for part in key.split("."):
-            node = getattr(node, part)
-        if node <= 0:
-            fail(key, f"must be positive, got {node!r}")
-    syn = cfg.data.synthetic
-    if syn.object_size is not None and not (len(syn.object_size) == 2
-                                            and 4 <= syn.object_size[0] <= syn.object_size[1] < syn.image_size):
-        fail("data.synthetic.object_size", "must be null or [min, max] pixels with 4 <= min <= max < "
-             f"data.synthetic.image_size ({syn.image_size}), got {list(syn.object_size)}")
-    i = cfg.input
-    if not i.train_min_sizes or any(v <= 0 for v in i.train_min_sizes):
-        fail("input.min_size", f"must be a positive size or a non-empty list of them, got {i.min_size!r}")
-    if i.min_size_test is not None and i.min_size_test <= 0:
-        fail("input.min_size_test", f"must be positive or null, got {i.min_size_test!r}")
-    if i.max_size < max(i.train_min_sizes + (i.test_min_size,)):
-        fail("input.max_size", f"({i.max_size}) must be >= input.min_size ({i.min_size}) and input.min_size_test")
-    if len(i.pixel_mean) != 3:
-        fail("input.pixel_mean", f"must be three numbers (one per channel), got {list(i.pixel_mean)}")
-    if len(i.pixel_std) != 3 or any(v <= 0 for v in i.pixel_std):
-        fail("input.pixel_std", f"must be three positive numbers, got {list(i.pixel_std)}")
-    m = cfg.model
-    if not m.anchor_sizes:
-        fail("model.anchor_sizes", "must not be empty")
-    if not m.anchor_ratios:
-        fail("model.anchor_ratios", "must not be empty")
-    if any(v <= 0 for v in m.anchor_sizes + m.anchor_ratios):
-        fail("model.anchor_sizes/anchor_ratios", "must all be positive")
-    for key in ("rpn_box_weights", "roi_box_weights"):
-        weights = getattr(m, key)
-        if len(weights) != 4 or any(w <= 0 for w in weights):
-            fail(f"model.{key}", f"must be four positive numbers, got {list(weights)}")
-    for key in ("rpn_positive_fraction", "roi_positive_fraction"):
-        if not 0.0 < getattr(m, key) <= 1.0:
-            fail(f"model.{key}", f"must be in (0, 1], got {getattr(m, key)}")
-    for key in ("rpn_nms_thresh", "nms_thresh", "rpn_fg_iou", "rpn_bg_iou", "roi_fg_iou", "score_thresh"):
-        if not 0.0 <= getattr(m, key) <= 1.0:
-            fail(f"model.{key}", f"must be in [0, 1], got {getattr(m, key)}")
-    if m.rpn_bg_iou > m.rpn_fg_iou:
-        fail("model.rpn_bg_iou", f"({m.rpn_bg_iou}) must be <= model.rpn_fg_iou ({m.rpn_fg_iou})")
-    if not 0.0 <= m.roi_bg_iou_low < m.roi_fg_iou:
-        fail("model.roi_bg_iou_low", f"must be in [0, model.roi_fg_iou), got {m.roi_bg_iou_low}")
-    if m.rpn_post_nms_topk_train > m.rpn_pre_nms_topk_train:
-        fail("model.rpn_post_nms_topk_train", "must be <= model.rpn_pre_nms_topk_train")
-    if m.rpn_post_nms_topk_test > m.rpn_pre_nms_topk_test:
-        fail("model.rpn_post_nms_topk_test", "must be <= model.rpn_pre_nms_topk_test")
-    if m.sampling_ratio < 0:
-        fail("model.sampling_ratio", f"must be >= 0 (0: adaptive), got {m.sampling_ratio}")
-    if not 0.0 <= m.anchor_offset < 1.0:
-        fail("model.anchor_offset", f"must be in [0, 1), got {m.anchor_offset}")
-    if m.freeze_at not in (0, 1, 2, 3, 4):
-        fail("model.freeze_at", f"must be 0..4, got {m.freeze_at}")
-    if (m.backbone_weights.lower() not in ("none", "imagenet")
-            and not m.backbone_weights.startswith("detectron2:")
-            and not m.backbone_weights.endswith((".h5", ".weights.h5", ".keras", ".pkl"))):
-        fail("model.backbone_weights", "must be none, imagenet, a .h5 file path, a Detectron2 .pkl file path or a "
-             f"detectron2:<model zoo name> (see frcnn/pretrained.py), got {m.backbone_weights!r}")
-    if cfg.data.classes is not None:
-        if not cfg.data.classes:
-            fail("data.classes", "must not be empty")
-        if len(set(cfg.data.classes)) != len(cfg.data.classes):
-            fail("data.classes", "has duplicate names")
-        if "__background__" in cfg.data.classes:
-            fail("data.classes", "must not list the background class (it is added as index 0)")
-    t = cfg.train
-    if t.steps_per_epoch is not None and t.steps_per_epoch <= 0:
-        fail("train.steps_per_epoch", f"must be positive or null, got {t.steps_per_epoch}")
-    if t.clip_norm is not None and t.clip_norm <= 0:
-        fail("train.clip_norm", f"must be positive or null, got {t.clip_norm}")
-    if t.warmup_steps < 0 or not 0.0 < t.warmup_factor <= 1.0:
-        fail("train.warmup_steps/warmup_factor", "need warmup_steps >= 0 and warmup_factor in (0, 1]")
-    if t.weight_decay < 0 or t.momentum < 0:
-        fail("train.weight_decay/momentum", "must not be negative")
-    if t.val_every < 0:
-        fail("train.val_every", "must be >= 0")
-    if t.checkpoint_every < 0:
-        fail("train.checkpoint_every", "must be >= 0")
-    if isinstance(cfg.data.root, tuple) and not cfg.data.root:
-        fail("data.root", "must not be an empty list")
+    for name in SECTIONS:
+        getattr(cfg, name).validate(failing(name + "."))
+    fail = failing("")
+    weights = cfg.model.backbone_weights
+    if (weights.startswith("detectron2:") or weights.endswith(".pkl")) and cfg.model.norm == "group":
+        fail("model.norm", "must be frozen or batch with Detectron2 weights in model.backbone_weights (GroupNorm "
+                           "cannot take BatchNorm weights and statistics)")
     return cfg
 
 

@@ -1,86 +1,53 @@
 """The training job: ``fit`` with checkpoints, resumption and evaluation on the validation split.
 
-``tools/train.py`` only parses arguments and calls :func:`train`. Evaluation itself (running the model over records,
-the metrics, the files) lives in :mod:`frcnn.evaluation`; :class:`EvaluationCallback` runs it between epochs.
+``tools/train.py`` only parses arguments and calls :func:`train`. The pieces it puts together live in their own
+modules: :mod:`frcnn.distribution` (devices), :mod:`frcnn.optim` (optimizer and schedule),
+:mod:`frcnn.checkpoints` (the work directory and its checkpoints), :mod:`frcnn.callbacks` (NaN guard, validation,
+time left) and :mod:`frcnn.evaluation`.
+
+Owns: the order of a training run. Imports TensorFlow only through ``frcnn.distribution`` on that backend.
 """
 
 import dataclasses
 import logging
+import math
 import os
 
 import keras
-import numpy as np
-import tensorflow as tf
 
+from frcnn import checkpoints, evaluation, optim
 from frcnn import data as data_lib
-from frcnn import evaluation
-from frcnn.evaluation import evaluate_records
-from frcnn import training
+from frcnn.callbacks import EvaluationCallback, StopOnNonFinite, TimeLeft
 from frcnn.config import save_config
+from frcnn.distribution import make_distribution
+from frcnn.errors import TrainingError
+from frcnn.evaluation import evaluate_records
 from frcnn.fileio import remove_stale_temporaries
+from frcnn.inference import detect
 from frcnn.model import build_model
 from frcnn.visualize import draw_confident, save_image
 
 log = logging.getLogger(__name__)
 
 
-class EvaluationCallback(keras.callbacks.Callback):
-    """Evaluates on the validation split every ``every`` epochs and adds ``val_AP``, ``val_AP50``, ``val_AP75`` and
-    ``val_voc07_mAP50`` to the epoch logs, where TensorBoard and the best-checkpoint choice read them.
+def check_trainable(cfg):
+    """Refuse, before any work, a configuration that cannot train (the message says what to use instead).
 
-    Place it before :class:`frcnn.training.CheckpointManager` and ``TensorBoard`` in the callback list.
+    Frozen normalisation keeps BatchNorm's statistics and affine parameters fixed; from random weights those are
+    the identity (mean 0, variance 1), so nothing keeps the activations of 50 layers in range: the loss overflows
+    within a few steps. Frozen norms need pretrained weights; training from scratch needs a norm that trains.
     """
-
-    def __init__(self, cfg, records, class_names, category_ids=None, every=1, max_images=None, image_log_dir=None,
-                 num_images=3):
-        super().__init__()
-        self.image_log_dir = image_log_dir
-        self.num_images = num_images
-        self._image_writer = None
-        self.cfg = cfg
-        self.records = records
-        self.class_names = class_names
-        self.category_ids = category_ids
-        self.every = every
-        self.max_images = max_images
-        self.last_metrics = None
-
-    def on_epoch_end(self, epoch, logs=None):
-        last = epoch + 1 == self.params.get("epochs")
-        if logs is None or not self.every or ((epoch + 1) % self.every and not last):
-            return
-        metrics, detections = evaluate_records(self.model, self.cfg, self.records, self.class_names,
-                                               self.category_ids, self.max_images, verbose=0)
-        self.last_metrics = metrics
-        if self.image_log_dir and self.num_images:
-            self._write_images(detections, epoch)
-        for key in ("AP", "AP50", "AP75", "voc07_mAP50"):
-            value = metrics.get(key)
-            logs[f"val_{key}"] = float(value) if value is not None and value >= 0 else 0.0
-        print(f"\nepoch {epoch + 1}: val AP {logs['val_AP']:.4f}  AP50 {logs['val_AP50']:.4f}  "
-              f"VOC07 mAP50 {logs['val_voc07_mAP50']:.4f}")
-
-    def _write_images(self, detections, epoch):
-        """The first ``num_images`` validation images with this evaluation's detections drawn, to TensorBoard
-        (``<logs>/images``, one tag per image, stepped by epoch like Keras' own epoch summaries)."""
-        if self._image_writer is None:
-            self._image_writer = tf.summary.create_file_writer(self.image_log_dir)
-        by_id = {d["image_id"]: d for d in detections}
-        written = 0
-        with self._image_writer.as_default():
-            for record in self.records:
-                if written == self.num_images:
-                    break
-                if record.image_id not in by_id:
-                    continue
-                try:
-                    image = data_lib.load_image(record.file_name)
-                except data_lib.DataError:
-                    continue
-                drawn = draw_confident(image, by_id[record.image_id], self.model.class_names)
-                tf.summary.image(f"validation/{os.path.basename(record.file_name)}", drawn[None], step=epoch)
-                written += 1
-        self._image_writer.flush()
+    m = cfg.model
+    if m.norm == "frozen" and m.backbone_weights.lower() == "none":
+        raise TrainingError(
+            "model.norm=frozen with model.backbone_weights=none cannot train: frozen BatchNorm keeps the identity "
+            "statistics of randomly initialised weights and the loss diverges within a few steps. Train from "
+            "scratch with model.norm=group (as configs/shapes.yaml does), or start from pretrained weights "
+            "(model.backbone_weights=imagenet, a ResNet-50 .h5 file or detectron2:ImageNetPretrained/MSRA/R-50)"
+        )
+    if m.backbone_weights.lower() == "none" and m.freeze_at > 0:
+        log.warning("model.freeze_at=%d with model.backbone_weights=none freezes randomly initialised layers; "
+                    "use model.freeze_at=0 to train from scratch", m.freeze_at)
 
 
 # ------------------------------------------------------------------------------------------------------ training
@@ -97,33 +64,26 @@ def train(cfg, workdir, verbose=1):
     Returns ``(model, result)`` where ``result`` has the final validation metrics (or None), the history and the
     path of an annotated prediction image.
     """
-    training.check_trainable(cfg)  # a combination that cannot train is refused before anything is read or written
+    check_trainable(cfg)  # a combination that cannot train is refused before anything is read or written
     # First, before any TensorFlow op: a multi-worker strategy configures the runtime's collectives at creation.
-    strategy = training.make_strategy(cfg.train.strategy)
-    chief = training.is_chief(strategy)
+    distribution = make_distribution(cfg)
     # Before anything is written there: two runs in one work directory overwrite each other's checkpoints.
-    with training.own_workdir(workdir, chief):
-        return _train(cfg, workdir, strategy, chief, verbose)
+    with checkpoints.own_workdir(workdir, distribution.is_chief):
+        return _train(cfg, workdir, distribution, verbose)
 
 
-def _train(cfg, workdir, strategy, chief, verbose):
-    keras.utils.set_random_seed(cfg.train.seed)
-    if cfg.train.batch_size % strategy.num_replicas_in_sync:
-        raise training.TrainingError(
-            f"train.batch_size={cfg.train.batch_size} is the global batch and must be a multiple of the "
-            f"{strategy.num_replicas_in_sync} replicas of train.strategy={cfg.train.strategy}"
-        )
-
+def _load_splits(cfg):
+    """``(cfg with data.classes, train records, val records or None)``, each split summarised on stdout."""
     train_records, class_names, train_report = data_lib.load_records(cfg, cfg.data.train_split)
     if cfg.data.classes is None:
         cfg = cfg.replace(data=dataclasses.replace(cfg.data, classes=tuple(class_names)))
     _log_data(f"training split '{cfg.data.train_split}'", train_records, class_names, train_report)
     if not train_records:
-        raise training.TrainingError(f"the training split '{cfg.data.train_split}' has no usable images")
+        raise TrainingError(f"the training split '{cfg.data.train_split}' has no usable images")
     problem = data_lib.missing_targets(train_records, cfg.data.use_difficult, "train on")
     if problem:
-        raise training.TrainingError(f"the training split '{cfg.data.train_split}' {problem}")
-    val_records, val_report = None, None
+        raise TrainingError(f"the training split '{cfg.data.train_split}' {problem}")
+    val_records = None
     if cfg.data.val_split:
         val_records, _, val_report = data_lib.load_records(cfg, cfg.data.val_split)
         _log_data(f"validation split '{cfg.data.val_split}'", val_records, class_names, val_report)
@@ -131,65 +91,73 @@ def _train(cfg, workdir, strategy, chief, verbose):
         if problem:
             log.warning("the validation split '%s' %s: its metrics will be undefined (-1)", cfg.data.val_split,
                         problem)
+    return cfg, train_records, val_records
+
+
+def _train(cfg, workdir, distribution, verbose):
+    keras.utils.set_random_seed(cfg.train.seed)
+    chief = distribution.is_chief
+    if cfg.train.batch_size % distribution.num_replicas:
+        raise TrainingError(
+            f"train.batch_size={cfg.train.batch_size} is the global batch and must be a multiple of the "
+            f"{distribution.num_replicas} replicas of train.strategy={cfg.train.strategy}"
+        )
+    cfg, train_records, val_records = _load_splits(cfg)
+    class_names = cfg.data.classes
 
     checkpoint_dir = os.path.join(workdir, "checkpoints")
     if chief:
         save_config(cfg, os.path.join(workdir, "config.yaml"))
-    if chief:
         remove_stale_temporaries(checkpoint_dir)  # left by a run killed while writing a checkpoint
-    state = training.read_state(checkpoint_dir)
-    resume = training.has_checkpoint(checkpoint_dir)
-    steps = training.steps_per_epoch(cfg, len(train_records))
+    state = checkpoints.read_state(checkpoint_dir)
+    resume = checkpoints.has_checkpoint(checkpoint_dir)
+    steps = steps_per_epoch(cfg, len(train_records))
     # Multi-worker: every worker must resume (from a shared --workdir) or not, and cut the same epochs.
-    training.check_workers_agree(
-        strategy, [int(resume), steps, len(train_records)],
+    distribution.check_workers_agree(
+        [int(resume), steps, len(train_records)],
         "whether to resume from a checkpoint, the steps per epoch and the number of training images",
     )
     if state and state.get("steps_per_epoch") not in (None, steps):
-        raise training.TrainingError(
+        raise TrainingError(
             f"{checkpoint_dir}: the checkpoint was made with {state['steps_per_epoch']} steps per epoch, this run "
             f"has {steps}; resume with the same data and train.batch_size/steps_per_epoch, or use a new --workdir"
         )
 
     # Variables (model, optimizer) are created and restored inside the scope, so they are mirrored on every replica.
-    with strategy.scope():
+    with distribution.scope():
         # model.backbone_weights may name Detectron2 weights (R-50.pkl, a zoo detector): build_model loads them.
         model = build_model(cfg, load_weights=not resume)
         # train.jit_compile: XLA on the whole training step (every op of the model is keras.ops).
         # On JAX the step is always compiled (jax.jit: XLA); without it Keras would run the model op by op.
         jit = cfg.train.jit_compile or keras.backend.backend() == "jax"
-        model.compile(optimizer=training.make_optimizer(cfg, steps), jit_compile=jit)
+        model.compile(optimizer=optim.make_optimizer(cfg, steps), jit_compile=jit)
         if resume:
             # The step comes from the weights (state.json is checked against them): see restore_checkpoint.
-            state = training.restore_checkpoint(model, checkpoint_dir, steps, state)
+            state = checkpoints.restore_checkpoint(model, checkpoint_dir, steps, state)
             print(f"resuming from {checkpoint_dir}: epoch {state['epoch']}, global step {state['global_step']}")
     if resume:
-        training.check_workers_agree(strategy, [state["global_step"]], "the checkpoint step to resume from")
-    if strategy.num_replicas_in_sync > 1:
-        print(f"{type(strategy).__name__}: {strategy.num_replicas_in_sync} replicas, global batch "
-              f"{cfg.train.batch_size}, learning rate {training.learning_rate(cfg):g}")
+        distribution.check_workers_agree([state["global_step"]], "the checkpoint step to resume from")
+    if distribution.description:
+        print(f"{distribution.description}, global batch {cfg.train.batch_size}, learning rate "
+              f"{optim.learning_rate(cfg):g}")
     if cfg.train.jit_compile and not cfg.input.fixed_size:
         log.warning("train.jit_compile without input.fixed_size: XLA compiles again for every new padded batch shape")
 
-    # The GLOBAL batch: fit splits it across the replicas. Under multi-worker training every worker builds the same
-    # (identically seeded) dataset and keeps its own part of each global batch (DATA sharding; there is no file
-    # list to shard by).
-    dataset = data_lib.build_dataset(cfg, train_records, training=True, batch_size=cfg.train.batch_size)
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    dataset = dataset.with_options(options)
+    # The GLOBAL batch: fit splits it across the replicas.
+    dataset = distribution.distribute_dataset(
+        data_lib.build_dataset(cfg, train_records, training=True, batch_size=cfg.train.batch_size))
     category_ids = getattr(val_records, "category_ids", None)
-    stop_on_nan = training.StopOnNonFinite()
+    stop_on_nan = StopOnNonFinite()
     callbacks = [stop_on_nan]
     evaluator = None
-    # Evaluation runs on the chief alone, on one device (FasterRCNN.predict_on_batch); the other workers go on.
+    # Evaluation runs on the chief alone, on one device (see DistributedFasterRCNN.predict_on_batch).
     if chief and val_records and cfg.train.val_every:
         evaluator = EvaluationCallback(cfg, val_records, class_names, category_ids, cfg.train.val_every,
                                        cfg.train.val_max_images, image_log_dir=os.path.join(workdir, "logs", "images"))
         callbacks.append(evaluator)
     if chief and verbose:
-        callbacks.append(training.TimeLeft(cfg.train.epochs))  # after the evaluator: its time counts
-    manager = training.CheckpointManager(
+        callbacks.append(TimeLeft(cfg.train.epochs))  # after the evaluator: its time counts
+    manager = checkpoints.CheckpointManager(
         checkpoint_dir, steps, every_steps=cfg.train.checkpoint_every, monitor="val_AP",
         best=state.get("best") if state else None, chief=chief,
     )
@@ -197,7 +165,7 @@ def _train(cfg, workdir, strategy, chief, verbose):
     if chief:
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(workdir, "logs"), write_graph=False))
 
-    histories = training.fit_resumable(
+    histories = fit_resumable(
         model, dataset, cfg.train.epochs, steps, callbacks, manager, stop_on_nan,
         start_step=int(state["global_step"]) if state else 0, verbose=verbose,
     )
@@ -225,7 +193,40 @@ def _annotate_example(model, records, workdir):
             image = data_lib.load_image(record.file_name)
         except data_lib.DataError:
             continue
-        drawn = draw_confident(image, model.detect([image])[0], model.class_names)
+        drawn = draw_confident(image, detect(model, [image])[0], model.class_names)
         return save_image(os.path.join(workdir, "prediction.jpg"), drawn)
     return None
 
+
+def steps_per_epoch(cfg, num_train_images):
+    """``train.steps_per_epoch`` when set (the data repeats as needed), else one pass over the training images at
+    the global batch size."""
+    if cfg.train.steps_per_epoch:
+        return cfg.train.steps_per_epoch
+    return max(1, math.ceil(num_train_images / cfg.train.batch_size))
+
+
+def fit_resumable(model, dataset, epochs, steps, callbacks, manager, stop_on_nan, start_step=0, verbose=1):
+    """``model.fit`` from global step ``start_step`` to ``epochs * steps``; returns the Keras histories.
+
+    ``fit`` cannot start in the middle of an epoch, so a run resumed mid-epoch first finishes that epoch with a
+    shorter ``fit`` and then runs the remaining whole epochs. Ctrl-C saves a checkpoint (via ``manager``) before the
+    ``KeyboardInterrupt`` goes on; a non-finite loss raises :class:`TrainingError` naming the step.
+    """
+    epoch, step_in_epoch = divmod(start_step, steps)
+    histories = []
+    common = {"callbacks": callbacks, "verbose": verbose, "shuffle": False}
+    try:
+        if step_in_epoch and epoch < epochs:
+            histories.append(model.fit(dataset, initial_epoch=epoch, epochs=epoch + 1,
+                                       steps_per_epoch=steps - step_in_epoch, **common))
+            epoch += 1
+        if epoch < epochs and not stop_on_nan.message:
+            histories.append(model.fit(dataset, initial_epoch=epoch, epochs=epochs, steps_per_epoch=steps, **common))
+    except KeyboardInterrupt:
+        manager.save("interrupted")
+        print(f"\ninterrupted: checkpoint saved in {manager.checkpoint_dir}; run the same command again to resume")
+        raise
+    if stop_on_nan.message:
+        raise TrainingError(stop_on_nan.message)
+    return histories

@@ -1,5 +1,8 @@
-"""Inference over image files with a loaded detector (:mod:`frcnn.loading`): what ``tools/infer.py`` runs.
+"""Inference: :func:`detect` on images in memory, and over image files with a loaded detector (:mod:`frcnn.loading`),
+what ``tools/infer.py`` runs.
 
+- :func:`detect`: a list of RGB arrays of any sizes -> detections in each image's pixels (the model's own
+  ``transform`` resizes and pads them as the evaluation pipeline does).
 - :func:`expand_inputs`: files, folders (their ``.jpg .jpeg .png .bmp`` files, sorted) and glob patterns -> paths.
 - :func:`detect_files`: batches of images through :meth:`FasterRCNN.detect`, one bad file never stops the others:
   each is reported (``on_error``) with the reason and skipped.
@@ -11,14 +14,46 @@ import dataclasses
 import glob
 import os
 
+import keras
 import numpy as np
 
 from frcnn.data import DataError, load_image
 from frcnn.evaluation import save_json
+from frcnn.model import unpad_detections
 from frcnn.visualize import draw_detections, save_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 _GLOB_CHARS = "*?["
+
+
+# --------------------------------------------------------------------------------------------------- detection
+
+
+def detect(model, images, batch_size=1):
+    """Detect objects in a list of ``H x W x 3`` uint8 RGB arrays of any sizes with a built
+    :class:`frcnn.model.FasterRCNN`, ``batch_size`` images per forward pass.
+
+    Returns one dict per image: ``boxes`` (N, 4) float32 ``(x1, y1, x2, y2)`` in that image's pixels, ``scores``
+    (N,), ``classes`` (N,) int32 class ids (1..C-1) and ``class_names`` (N,) list of str.
+    """
+    if isinstance(images, np.ndarray) and images.ndim == 3:
+        raise TypeError("detect() takes a list of images; wrap a single HxWx3 array in a list")
+    if not isinstance(images, (list, tuple)) or len(images) == 0:
+        raise ValueError("detect() needs a non-empty list of HxWx3 uint8 RGB arrays")
+    for i, image in enumerate(images):
+        image = np.asarray(image) if not isinstance(image, np.ndarray) else image
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"image {i} has shape {image.shape}; detect() expects HxWx3 RGB arrays")
+        if image.dtype != np.uint8:
+            raise TypeError(f"image {i} has dtype {image.dtype}; detect() expects uint8 RGB in [0, 255]")
+        if image.shape[0] == 0 or image.shape[1] == 0:
+            raise ValueError(f"image {i} is empty (shape {image.shape})")
+    results = []
+    for start in range(0, len(images), max(1, int(batch_size or 1))):
+        batch = model.transform.prepare_batch(images[start:start + max(1, int(batch_size or 1))])
+        for det in unpad_detections(model.predict_on_batch(batch)):
+            results.append({**det, "class_names": [model.class_names[c] for c in det["classes"]]})
+    return results
 
 
 # ------------------------------------------------------------------------------------------------ input files
@@ -143,14 +178,22 @@ def _output_name(path, used):
     return name
 
 
-def _detect(model, images, batch_size, paths, on_error):
-    """``model.detect`` on a batch; if the batch fails (e.g. out of memory on a huge image), image by image so
-    that only the image at fault is lost. Returns one result or None per image."""
-    import tensorflow as tf
+def _runtime_errors():
+    """What the backend raises when a computation fails at run time (e.g. out of memory on a huge image)."""
+    errors = (RuntimeError, MemoryError)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
 
+        errors += (tf.errors.OpError,)
+    return errors
+
+
+def _detect(model, images, batch_size, paths, on_error):
+    """:func:`detect` on a batch; if the batch fails (e.g. out of memory on a huge image), image by image so
+    that only the image at fault is lost. Returns one result or None per image."""
     try:
-        return model.detect(images, batch_size=batch_size)
-    except tf.errors.OpError as err:
+        return detect(model, images, batch_size=batch_size)
+    except _runtime_errors() as err:
         if len(images) == 1:
             on_error(paths[0], f"detection failed on image {paths[0]}: {type(err).__name__}: {err}")
             return [None]
@@ -160,10 +203,10 @@ def _detect(model, images, batch_size, paths, on_error):
     return out
 
 
-def detect_files(model, paths, batch_size=None, score_thresh=0.0, out_dir=None, on_error=None, on_result=None):
+def detect_files(model, paths, batch_size=1, score_thresh=0.0, out_dir=None, on_error=None, on_result=None):
     """Detect objects in image files: ``(results, failures)``.
 
-    Images are read one batch at a time (memory stays bounded for any number of files) with
+    Images are read ``batch_size`` at a time (memory stays bounded for any number of files) with
     :func:`frcnn.data.load_image` (EXIF orientation applied, grayscale and RGBA become RGB). A file that cannot be
     read or processed is reported through ``on_error(path, message)`` and skipped. ``results``: one
     :class:`ImageDetections` per image in input order, keeping detections with ``score >= score_thresh``; with
@@ -171,7 +214,7 @@ def detect_files(model, paths, batch_size=None, score_thresh=0.0, out_dir=None, 
     ``_2``, ``_3``... on a name clash). ``failures``: ``(path, message)`` pairs. ``on_result(result)`` is called
     as each image is done.
     """
-    batch_size = batch_size or model.cfg.eval.batch_size
+    batch_size = max(1, int(batch_size or 1))
     results, failures, used = [], [], set()
 
     def fail(path, message):

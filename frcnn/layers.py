@@ -21,11 +21,22 @@ import keras
 from keras import ops
 
 from frcnn import boxes as box_ops
+from frcnn.boxes import BoxCoder
 from frcnn.ops import gather_rows, non_max_suppression, roi_align
 
 
+class NoAutocastLayer(keras.layers.Layer):
+    """A layer that never casts its inputs to its compute dtype (``autocast=False``): under mixed precision the
+    feature map stays in the compute dtype while boxes, logits and masks keep their own dtypes. A saved
+    ``autocast`` entry is accepted and ignored."""
+
+    def __init__(self, **kwargs):
+        kwargs.pop("autocast", None)
+        super().__init__(autocast=False, **kwargs)
+
+
 @keras.saving.register_keras_serializable(package="frcnn")
-class RoiPoolingConv(keras.layers.Layer):
+class RoiPoolingConv(NoAutocastLayer):
     """RoIAlign: pool every ROI of every image to a ``P x P`` grid of the feature map.
 
     Inputs ``[features (B, H, W, C), rois (B, N, 4)]``, ``rois`` in input-image pixels ``(x1, y1, x2, y2)``.
@@ -52,8 +63,7 @@ class RoiPoolingConv(keras.layers.Layer):
     """
 
     def __init__(self, pool_size=14, stride=16, sampling_ratio=2, **kwargs):
-        kwargs.pop("autocast", None)
-        super().__init__(autocast=False, **kwargs)
+        super().__init__(**kwargs)
         if int(pool_size) < 1:
             raise ValueError(f"pool_size must be >= 1, got {pool_size}")
         if int(sampling_ratio) < 0:
@@ -84,7 +94,7 @@ class RoiPoolingConv(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="frcnn")
-class ProposalLayer(keras.layers.Layer):
+class ProposalLayer(NoAutocastLayer):
     """RPN outputs -> a fixed number ``R`` of proposals per image (static shape, validity mask).
 
     Inputs ``[rpn_logits (B, A), rpn_deltas (B, A, 4), anchors (A, 4), image_sizes (B, 2) int32 (height, width)]``.
@@ -92,7 +102,7 @@ class ProposalLayer(keras.layers.Layer):
     (``training=True`` uses the ``*_train`` values, anything else the ``*_test`` values).
 
     Per image: the ``min(pre_nms_topk, A)`` anchors of highest objectness logit; decode their deltas
-    (:func:`frcnn.boxes.decode` with ``box_weights``); clip to that image's true size; drop empty boxes and boxes
+    (the RPN's ``box_coder``, a :class:`frcnn.boxes.BoxCoder`); clip to that image's true size; drop empty boxes and boxes
     whose shorter side is below ``min_size``; greedy NMS at ``nms_thresh`` (a box is suppressed by a higher-scored
     kept box when IoU > ``nms_thresh``); keep the first ``post_nms_topk``, sorted by logit descending; pad with
     zero boxes and ``valid=False``. The outputs are detached (``stop_gradient``): proposals are treated as fixed
@@ -107,11 +117,11 @@ class ProposalLayer(keras.layers.Layer):
         post_nms_topk_test,
         nms_thresh=0.7,
         min_size=0.0,
-        box_weights=(1.0, 1.0, 1.0, 1.0),
+        box_coder=None,
         **kwargs,
     ):
-        kwargs.pop("autocast", None)
-        super().__init__(autocast=False, **kwargs)
+        legacy_weights = kwargs.pop("box_weights", None)  # the config of layers saved by frcnn 0.1
+        super().__init__(**kwargs)
         for name, value in (
             ("pre_nms_topk_train", pre_nms_topk_train),
             ("post_nms_topk_train", post_nms_topk_train),
@@ -126,7 +136,7 @@ class ProposalLayer(keras.layers.Layer):
         self.post_nms_topk_test = int(post_nms_topk_test)
         self.nms_thresh = float(nms_thresh)
         self.min_size = float(min_size)
-        self.box_weights = tuple(float(w) for w in box_weights)
+        self.box_coder = BoxCoder.of(box_coder if box_coder is not None else legacy_weights or (1.0, 1.0, 1.0, 1.0))
 
     def _topk(self, training):
         if training:
@@ -147,7 +157,7 @@ class ProposalLayer(keras.layers.Layer):
         top_deltas = gather_rows(rpn_deltas, top_index)  # (B, k, 4)
         top_anchors = ops.take(anchors, top_index, axis=0)  # (B, k, 4)
 
-        proposal_boxes = box_ops.decode(top_deltas, top_anchors, self.box_weights)
+        proposal_boxes = self.box_coder.decode(top_deltas, top_anchors)
         proposal_boxes = box_ops.clip(proposal_boxes, image_sizes[:, None, :])  # (B, k, 4)
         side = box_ops.min_side(proposal_boxes)  # (B, k)
         keep = ops.logical_and(side >= self.min_size, side > 0.0)
@@ -177,14 +187,14 @@ class ProposalLayer(keras.layers.Layer):
                 "post_nms_topk_test": self.post_nms_topk_test,
                 "nms_thresh": self.nms_thresh,
                 "min_size": self.min_size,
-                "box_weights": list(self.box_weights),
+                "box_coder": self.box_coder.get_config(),
             }
         )
         return config
 
 
 @keras.saving.register_keras_serializable(package="frcnn")
-class DetectionLayer(keras.layers.Layer):
+class DetectionLayer(NoAutocastLayer):
     """ROI-head outputs -> at most ``D`` detections per image, padded (static shapes).
 
     Inputs ``[class_probs (B, R, C), box_deltas (B, R, 4 * (C - 1)), proposals (B, R, 4), proposal_valid (B, R),
@@ -197,15 +207,15 @@ class DetectionLayer(keras.layers.Layer):
     int32. Entries ``>= num_detections`` are zero (class 0 included).
 
     Per image and per foreground class (as Detectron2's ``fast_rcnn_inference``): decode the class's deltas on
-    the proposal (``box_weights``), clip to the image, keep ``score > score_thresh``, greedy NMS within the class
+    the proposal (the ROI heads' ``box_coder``), clip to the image, keep ``score > score_thresh``, greedy NMS within the class
     (suppress IoU > ``nms_thresh``); then the ``D`` best across classes, sorted by score descending. Invalid
     (padded) proposals never produce detections: their scores are set to -inf before thresholding.
     """
 
-    def __init__(self, num_classes, score_thresh=0.05, nms_thresh=0.5, max_detections=100,
-                 box_weights=(10.0, 10.0, 5.0, 5.0), **kwargs):
-        kwargs.pop("autocast", None)
-        super().__init__(autocast=False, **kwargs)
+    def __init__(self, num_classes, score_thresh=0.05, nms_thresh=0.5, max_detections=100, box_coder=None,
+                 **kwargs):
+        legacy_weights = kwargs.pop("box_weights", None)  # the config of layers saved by frcnn 0.1
+        super().__init__(**kwargs)
         if int(num_classes) < 2:
             raise ValueError(f"num_classes includes the background and must be >= 2, got {num_classes}")
         if int(max_detections) < 1:
@@ -214,7 +224,7 @@ class DetectionLayer(keras.layers.Layer):
         self.score_thresh = float(score_thresh)
         self.nms_thresh = float(nms_thresh)
         self.max_detections = int(max_detections)
-        self.box_weights = tuple(float(w) for w in box_weights)
+        self.box_coder = BoxCoder.of(box_coder if box_coder is not None else legacy_weights or (10.0, 10.0, 5.0, 5.0))
 
     def call(self, inputs):
         class_probs, box_deltas, proposals, proposal_valid, image_sizes = inputs
@@ -232,7 +242,7 @@ class DetectionLayer(keras.layers.Layer):
 
         num_proposals = ops.shape(proposals)[1]
         pred_deltas = ops.reshape(box_deltas, (-1, num_proposals, num_fg, 4))  # (B, R, K, 4)
-        pred_boxes = box_ops.decode(pred_deltas, proposals[:, :, None, :], self.box_weights)  # (B, R, K, 4)
+        pred_boxes = self.box_coder.decode(pred_deltas, proposals[:, :, None, :])  # (B, R, K, 4)
         pred_boxes = box_ops.clip(pred_boxes, image_sizes[:, None, None, :])
         pred_scores = class_probs[:, :, 1:]  # (B, R, K): foreground classes only
         # Candidates: valid proposals with score > score_thresh (strict, as Detectron2) and finite numbers.
@@ -282,7 +292,7 @@ class DetectionLayer(keras.layers.Layer):
                 "score_thresh": self.score_thresh,
                 "nms_thresh": self.nms_thresh,
                 "max_detections": self.max_detections,
-                "box_weights": list(self.box_weights),
+                "box_coder": self.box_coder.get_config(),
             }
         )
         return config

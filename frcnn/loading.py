@@ -20,7 +20,8 @@ import logging
 import os
 import zipfile
 
-from frcnn import pretrained, training
+from frcnn import pretrained
+from frcnn.checkpoints import BEST_WEIGHTS, LAST_WEIGHTS, load_checkpoint
 from frcnn.config import ConfigError, load_config, resolve_config_path
 from frcnn.data import DataError, resolve_classes
 from frcnn.errors import TrainingError
@@ -84,8 +85,8 @@ def load_trained_model(weights, config=None, overrides=(), score_thresh=None):
     """Build the detector a training run describes and load its checkpoint: ``(model, cfg, config_path)``.
 
     ``config``: a config name or path; default :func:`find_config` (the run's resolved ``config.yaml``).
-    ``overrides``: ``key=value`` strings applied on top (e.g. ``model.max_detections=50``). ``score_thresh``: the
-    lowest score the caller wants; ``model.score_thresh`` is lowered to it when higher (this only adds
+    ``overrides``: ``key=value`` strings applied on top (e.g. ``roi_heads.max_detections=50``). ``score_thresh``: the
+    lowest score the caller wants; ``roi_heads.score_thresh`` is lowered to it when higher (this only adds
     detections below the old threshold: the others, their NMS and their order are unchanged).
 
     The backbone is not initialised from ImageNet (the checkpoint replaces every weight). Frozen BatchNorms are
@@ -121,15 +122,15 @@ def load_trained_model(weights, config=None, overrides=(), score_thresh=None):
                     config_path, list(cfg.data.classes), weights, list(saved), config_path)
     cfg = _lower_score_thresh(cfg, score_thresh)
     model = build_model(cfg, load_weights=False)
-    training.load_checkpoint(model, weights)
+    load_checkpoint(model, weights)
     model.fold_batchnorm()  # for inference, evaluation and export: frozen norms folded into their convolutions
     return model, cfg, os.path.abspath(config_path)
 
 
 def _lower_score_thresh(cfg, score_thresh):
-    """``cfg`` with ``model.score_thresh`` lowered to ``score_thresh`` when that is lower (never raised)."""
-    if score_thresh is not None and score_thresh < cfg.model.score_thresh:
-        cfg = cfg.replace(model=dataclasses.replace(cfg.model, score_thresh=float(score_thresh)))
+    """``cfg`` with ``roi_heads.score_thresh`` lowered to ``score_thresh`` when that is lower (never raised)."""
+    if score_thresh is not None and score_thresh < cfg.roi_heads.score_thresh:
+        cfg = cfg.replace(roi_heads=dataclasses.replace(cfg.roi_heads, score_thresh=float(score_thresh)))
     return cfg
 
 
@@ -150,3 +151,29 @@ def load_pretrained_model(weights, config=None, overrides=(), score_thresh=None,
     pretrained.load_detector_weights(model, ckpt)
     model.fold_batchnorm()
     return model, cfg, os.path.abspath(config_path)
+
+
+def from_preset(preset, config=None, overrides=(), score_thresh=None):
+    """A detector ready for inference, keras-hub style (what ``frcnn.FasterRCNN.from_preset`` calls).
+
+    ``preset``: a preset name of :data:`frcnn.pretrained.PRESETS` (``detectron2_coco_r50_c4_3x``, downloaded once),
+    ``detectron2:<zoo name>``, a Detectron2 ``.pkl``, a training run's ``.weights.h5`` (its ``config.yaml`` beside
+    it), or a training work directory (its best checkpoint, else its last).
+    """
+    preset = os.fspath(preset)
+    entry = pretrained.preset_entry(preset)
+    if entry is not None:
+        preset = pretrained.PREFIX + entry.name
+    elif os.path.isdir(preset):
+        folder = os.path.join(preset, "checkpoints")
+        for name in (BEST_WEIGHTS, LAST_WEIGHTS):
+            if os.path.isfile(os.path.join(folder, name)):
+                preset = os.path.join(folder, name)
+                break
+        else:
+            raise TrainingError(f"{preset} is a folder without {BEST_WEIGHTS} or {LAST_WEIGHTS} under checkpoints/: "
+                                "not a training work directory")
+    elif not (pretrained.is_detectron2_spec(preset) or os.path.exists(preset)):
+        raise ConfigError(f"unknown preset '{preset}': use one of {', '.join(pretrained.PRESETS)}, "
+                          "detectron2:<zoo name>, a checkpoint file or a training work directory")
+    return load_trained_model(preset, config, overrides, score_thresh)[0]

@@ -1,4 +1,6 @@
-"""Which precision to compute in: ``train.mixed_precision`` (``off``, ``mixed_float16``, ``mixed_bfloat16``,
+"""What the machine offers, and the choices that follow from it: the precision to compute in, and the speed paths.
+
+Precision: ``train.mixed_precision`` (``off``, ``mixed_float16``, ``mixed_bfloat16``,
 ``auto``) turned into a Keras dtype policy, and what the machine offers natively.
 
 ``auto`` picks ``mixed_bfloat16`` where the hardware computes bfloat16 natively, ``float32`` elsewhere:
@@ -9,6 +11,12 @@
 
 Without native support bfloat16 is emulated and SLOWER than float32 (measured in docs/NOTES.md), so ``auto`` never
 picks it there. It never picks ``mixed_float16`` either: float16 needs loss scaling and has no CPU kernels.
+
+Speed paths (``train.speed_paths``): kernels chosen by measurement on a CPU (res5 and the RPN's 3x3 convolution as
+matrix products in training, fused optimizer kernels on TensorFlow). ``auto`` turns them on only where the model
+computes on a CPU, the one place they were measured; ``on`` and ``off`` force them.
+
+Owns: device and precision questions. Imports no backend at import time (each is asked only under itself).
 """
 
 import functools
@@ -64,6 +72,40 @@ def _gpu_capabilities():
     except Exception as err:  # a broken driver must not stop the run: fall back to the CPU answer
         log.warning("could not query the GPUs (%s: %s)", type(err).__name__, err)
     return caps
+
+
+def accelerator_present():
+    """Whether the current Keras backend computes on an accelerator (a GPU or TPU) rather than the CPU."""
+    import keras
+
+    try:
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            return bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
+        if keras.backend.backend() == "jax":
+            import jax
+
+            return jax.default_backend() != "cpu"
+        if keras.backend.backend() == "torch":
+            import torch
+
+            return bool(torch.cuda.is_available())
+    except Exception as err:  # a broken driver must not stop the run: fall back to the CPU answer
+        log.warning("could not query the accelerators (%s: %s)", type(err).__name__, err)
+    return False
+
+
+def speed_paths_on(setting):
+    """``train.speed_paths`` (``auto``, ``on``, ``off``) -> whether to use the speed paths measured on a CPU."""
+    if setting == "auto":
+        return not _accelerator_cached()
+    return setting == "on"
+
+
+@functools.lru_cache(maxsize=None)
+def _accelerator_cached():
+    return accelerator_present()
 
 
 def native_bfloat16(flags=None, gpu_capabilities=None):

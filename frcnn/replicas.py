@@ -38,3 +38,12 @@ def multi_worker():
     import tensorflow as tf
 
     return num_workers(tf.distribute.get_strategy()) > 1
+
+
+def in_tf_strategy():
+    """True on the TensorFlow backend inside the scope of a (non-default) ``tf.distribute`` strategy."""
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    return tf.distribute.has_strategy()

@@ -7,14 +7,16 @@ Shape shorthand: ``B`` images, ``R`` proposals per image, ``S`` sampled ROIs per
 
 import keras
 
+from frcnn.boxes import BoxCoder
 from frcnn.heads import ROIHead
-from frcnn.layers import DetectionLayer, RoiPoolingConv
+from frcnn.layers import DetectionLayer, NoAutocastLayer, RoiPoolingConv
 from frcnn.losses import roi_losses
+from frcnn.precision import speed_paths_on
 from frcnn.targets import sample_rois
 
 
 @keras.saving.register_keras_serializable(package="frcnn")
-class ROIHeads(keras.layers.Layer):
+class ROIHeads(NoAutocastLayer):
     """Features and proposals -> detections, or in training the ROI losses.
 
     ``call(features, proposals, proposal_valid, image_sizes, gt=None, training=None)``:
@@ -30,33 +32,34 @@ class ROIHeads(keras.layers.Layer):
 
     def __init__(self, num_classes, norm="frozen", pool_size=14, stride=16, sampling_ratio=2, num_rois=128,
                  positive_fraction=0.25, fg_iou=0.5, bg_iou_low=0.0, box_weights=(10.0, 10.0, 5.0, 5.0),
-                 smooth_l1_beta=1.0, detections=None, seed=None, head_pooling="avg", **kwargs):
-        kwargs.pop("autocast", None)
-        super().__init__(autocast=False, **kwargs)
+                 smooth_l1_beta=1.0, detections=None, seed=None, head_pooling="avg", matmul_form="all", **kwargs):
+        super().__init__(**kwargs)
         self.num_classes = int(num_classes)
         self.norm = norm
         self.num_rois = int(num_rois)
         self.positive_fraction = float(positive_fraction)
         self.fg_iou, self.bg_iou_low = float(fg_iou), float(bg_iou_low)
-        self.box_weights = tuple(float(w) for w in box_weights)
+        self.box_coder = BoxCoder(box_weights)  # the ROI heads' one coder: their targets and their detections
         self.smooth_l1_beta = float(smooth_l1_beta)
         self.seed = seed
         self.pooler = RoiPoolingConv(pool_size, stride, sampling_ratio, name="roi_pooling")
-        self.head = ROIHead(self.num_classes, norm, pooling=head_pooling, name="roi_head")
-        detections = dict(detections or {})
-        detections.setdefault("box_weights", self.box_weights)
-        self.decoder = DetectionLayer(self.num_classes, **detections, name="detections")
+        self.head = ROIHead(self.num_classes, norm, pooling=head_pooling, matmul_form=matmul_form, name="roi_head")
+        self.decoder = DetectionLayer(self.num_classes, **dict(detections or {}), box_coder=self.box_coder,
+                                      name="detections")
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     @classmethod
     def from_cfg(cls, cfg):
-        m = cfg.model
+        """The ROI heads a config describes: ``roi_heads``, ``model.norm``, ``model.feature_stride``, the class
+        count of ``data.classes`` and ``train.seed``."""
+        r = cfg.roi_heads
         return cls(
-            cfg.num_classes, m.norm, m.pool_size, m.feature_stride, m.sampling_ratio, m.num_rois,
-            positive_fraction=m.roi_positive_fraction, fg_iou=m.roi_fg_iou, bg_iou_low=m.roi_bg_iou_low,
-            box_weights=m.roi_box_weights, smooth_l1_beta=m.roi_smooth_l1_beta,
-            detections=dict(score_thresh=m.score_thresh, nms_thresh=m.nms_thresh, max_detections=m.max_detections),
-            seed=cfg.train.seed + 1, head_pooling=m.head_pooling, name="roi_heads",
+            cfg.num_classes, cfg.model.norm, r.pool_size, cfg.model.feature_stride, r.sampling_ratio, r.num_rois,
+            positive_fraction=r.positive_fraction, fg_iou=r.fg_iou, bg_iou_low=r.bg_iou_low,
+            box_weights=r.box_weights, smooth_l1_beta=r.smooth_l1_beta,
+            detections=dict(score_thresh=r.score_thresh, nms_thresh=r.nms_thresh, max_detections=r.max_detections),
+            seed=cfg.train.seed + 1, head_pooling=r.head_pooling,
+            matmul_form="all" if speed_paths_on(cfg.train.speed_paths) else "none", name="roi_heads",
         )
 
     def call(self, features, proposals, proposal_valid, image_sizes, gt=None, training=None):
@@ -67,7 +70,7 @@ class ROIHeads(keras.layers.Layer):
         rois, roi_classes, roi_box_targets, roi_valid = sample_rois(
             proposals, proposal_valid, gt["gt_boxes"], gt["gt_classes"], gt["gt_valid"], self.num_rois,
             positive_fraction=self.positive_fraction, fg_iou=self.fg_iou, bg_iou_low=self.bg_iou_low,
-            box_weights=self.box_weights, seed=self.seed_generator,
+            box_coder=self.box_coder, seed=self.seed_generator,
         )
         pooled = self.pooler([features, rois])  # (B, S, P, P, 1024)
         class_probs, box_deltas = self.head(pooled, training=training)
@@ -79,7 +82,7 @@ class ROIHeads(keras.layers.Layer):
             "pool_size": self.pooler.pool_size, "stride": self.pooler.stride,
             "sampling_ratio": self.pooler.sampling_ratio, "num_rois": self.num_rois,
             "positive_fraction": self.positive_fraction, "fg_iou": self.fg_iou, "bg_iou_low": self.bg_iou_low,
-            "box_weights": list(self.box_weights), "smooth_l1_beta": self.smooth_l1_beta,
+            "box_weights": list(self.box_coder.weights), "smooth_l1_beta": self.smooth_l1_beta,
             "detections": {k: self.decoder.get_config()[k] for k in ("score_thresh", "nms_thresh", "max_detections")},
-            "seed": self.seed, "head_pooling": self.head.pooling,
+            "seed": self.seed, "head_pooling": self.head.pooling, "matmul_form": self.head.matmul_form,
         }

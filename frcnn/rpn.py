@@ -7,14 +7,16 @@ proposals per image, ``G`` ground-truth slots per image.
 import keras
 
 from frcnn import anchors as anchor_lib
+from frcnn.boxes import BoxCoder
 from frcnn.heads import RPNHead
-from frcnn.layers import ProposalLayer
+from frcnn.layers import NoAutocastLayer, ProposalLayer
 from frcnn.losses import rpn_losses
+from frcnn.precision import speed_paths_on
 from frcnn.targets import rpn_targets
 
 
 @keras.saving.register_keras_serializable(package="frcnn")
-class RPN(keras.layers.Layer):
+class RPN(NoAutocastLayer):
     """Features -> proposals, and in training the RPN losses.
 
     ``call(features, image_sizes, gt=None, training=None)`` returns ``(proposals (B, R, 4), proposal_valid (B, R),
@@ -25,9 +27,9 @@ class RPN(keras.layers.Layer):
 
     def __init__(self, anchor_sizes, anchor_ratios, anchor_offset=0.5, stride=16, channels=1024,
                  proposals=None, fg_iou=0.7, bg_iou=0.3, batch_size_per_image=256, positive_fraction=0.5,
-                 box_weights=(1.0, 1.0, 1.0, 1.0), smooth_l1_beta=1.0 / 9.0, seed=None, **kwargs):
-        kwargs.pop("autocast", None)
-        super().__init__(autocast=False, **kwargs)
+                 box_weights=(1.0, 1.0, 1.0, 1.0), smooth_l1_beta=1.0 / 9.0, seed=None, matmul_form="kernel_grad",
+                 **kwargs):
+        super().__init__(**kwargs)
         self.anchor_sizes = tuple(float(s) for s in anchor_sizes)
         self.anchor_ratios = tuple(float(r) for r in anchor_ratios)
         self.anchor_offset = float(anchor_offset)
@@ -36,29 +38,29 @@ class RPN(keras.layers.Layer):
         self.fg_iou, self.bg_iou = float(fg_iou), float(bg_iou)
         self.batch_size_per_image = int(batch_size_per_image)
         self.positive_fraction = float(positive_fraction)
-        self.box_weights = tuple(float(w) for w in box_weights)
+        self.box_coder = BoxCoder(box_weights)  # the RPN's one coder: its targets and its proposals
         self.smooth_l1_beta = float(smooth_l1_beta)
         self.seed = seed
         num_anchors = anchor_lib.num_anchors_per_location(self.anchor_sizes, self.anchor_ratios)
-        self.head = RPNHead(num_anchors, self.channels, name="rpn")
-        proposals = dict(proposals or {})
-        proposals.setdefault("box_weights", self.box_weights)
-        self.proposals = ProposalLayer(**proposals, name="proposals")
+        self.head = RPNHead(num_anchors, self.channels, matmul_form=matmul_form, name="rpn")
+        self.proposals = ProposalLayer(**dict(proposals or {}), box_coder=self.box_coder, name="proposals")
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     @classmethod
     def from_cfg(cls, cfg):
-        m = cfg.model
+        """The RPN a config describes: ``anchors``, ``rpn``, ``model.feature_stride`` and ``train.seed``."""
+        a, r = cfg.anchors, cfg.rpn
         return cls(
-            m.anchor_sizes, m.anchor_ratios, m.anchor_offset, m.feature_stride, m.rpn_channels,
+            a.sizes, a.ratios, a.offset, cfg.model.feature_stride, r.channels,
             proposals=dict(
-                pre_nms_topk_train=m.rpn_pre_nms_topk_train, post_nms_topk_train=m.rpn_post_nms_topk_train,
-                pre_nms_topk_test=m.rpn_pre_nms_topk_test, post_nms_topk_test=m.rpn_post_nms_topk_test,
-                nms_thresh=m.rpn_nms_thresh, min_size=m.rpn_min_size,
+                pre_nms_topk_train=r.pre_nms_topk_train, post_nms_topk_train=r.post_nms_topk_train,
+                pre_nms_topk_test=r.pre_nms_topk_test, post_nms_topk_test=r.post_nms_topk_test,
+                nms_thresh=r.nms_thresh, min_size=r.min_size,
             ),
-            fg_iou=m.rpn_fg_iou, bg_iou=m.rpn_bg_iou, batch_size_per_image=m.rpn_batch_size_per_image,
-            positive_fraction=m.rpn_positive_fraction, box_weights=m.rpn_box_weights,
-            smooth_l1_beta=m.rpn_smooth_l1_beta, seed=cfg.train.seed, name="rpn_part",
+            fg_iou=r.fg_iou, bg_iou=r.bg_iou, batch_size_per_image=r.batch_size_per_image,
+            positive_fraction=r.positive_fraction, box_weights=r.box_weights, smooth_l1_beta=r.smooth_l1_beta,
+            seed=cfg.train.seed, matmul_form="kernel_grad" if speed_paths_on(cfg.train.speed_paths) else "none",
+            name="rpn_part",
         )
 
     def anchors(self, feature_height, feature_width):
@@ -76,7 +78,7 @@ class RPN(keras.layers.Layer):
         labels, box_targets = rpn_targets(
             anchors, gt["gt_boxes"], gt["gt_valid"], image_sizes, fg_iou=self.fg_iou, bg_iou=self.bg_iou,
             batch_size_per_image=self.batch_size_per_image, positive_fraction=self.positive_fraction,
-            box_weights=self.box_weights, seed=self.seed_generator,
+            box_coder=self.box_coder, seed=self.seed_generator,
         )
         losses = rpn_losses(rpn_logits, rpn_deltas, labels, box_targets, beta=self.smooth_l1_beta)
         return proposals, proposal_valid, losses
@@ -86,8 +88,8 @@ class RPN(keras.layers.Layer):
             **super().get_config(), "anchor_sizes": list(self.anchor_sizes), "anchor_ratios": list(self.anchor_ratios),
             "anchor_offset": self.anchor_offset, "stride": self.stride, "channels": self.channels,
             "proposals": {k: v for k, v in self.proposals.get_config().items()
-                          if k not in ("name", "trainable", "dtype", "autocast")},
+                          if k not in ("name", "trainable", "dtype", "autocast", "box_coder")},
             "fg_iou": self.fg_iou, "bg_iou": self.bg_iou, "batch_size_per_image": self.batch_size_per_image,
-            "positive_fraction": self.positive_fraction, "box_weights": list(self.box_weights),
-            "smooth_l1_beta": self.smooth_l1_beta, "seed": self.seed,
+            "positive_fraction": self.positive_fraction, "box_weights": list(self.box_coder.weights),
+            "smooth_l1_beta": self.smooth_l1_beta, "seed": self.seed, "matmul_form": self.head.conv.matmul_form,
         }

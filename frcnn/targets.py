@@ -162,7 +162,7 @@ def rpn_targets(
     bg_iou=0.3,
     batch_size_per_image=256,
     positive_fraction=0.5,
-    box_weights=(1.0, 1.0, 1.0, 1.0),
+    box_coder=None,
     seed=None,
 ):
     """Sampled objectness labels and box-regression targets of every anchor.
@@ -177,7 +177,7 @@ def rpn_targets(
       image_sizes: ``(B, 2)`` int32 true ``(height, width)``.
       fg_iou, bg_iou: match thresholds (low-quality matches allowed).
       batch_size_per_image, positive_fraction: :func:`sample_balanced` arguments.
-      box_weights: :func:`frcnn.boxes.encode` weights.
+      box_coder: the RPN's :class:`frcnn.boxes.BoxCoder` (default: weights ``(1, 1, 1, 1)``).
       seed: see :func:`sample_balanced`.
 
     Returns:
@@ -209,7 +209,7 @@ def rpn_targets(
     anchors_b = ops.broadcast_to(anchors[None], ops.shape(matched_gt))  # (B, A, 4)
     # Non-positive anchors "match" themselves: their deltas are exactly 0 and no log(0) of a padded gt appears.
     matched_gt = ops.where(pos_mask[:, :, None], matched_gt, anchors_b)
-    box_targets = box_ops.encode(anchors_b, matched_gt, box_weights)
+    box_targets = (box_coder or box_ops.BoxCoder()).encode(anchors_b, matched_gt)
     return ops.stop_gradient(ops.cast(labels, "int32")), ops.stop_gradient(box_targets)
 
 
@@ -226,7 +226,7 @@ def sample_rois(
     positive_fraction=0.25,
     fg_iou=0.5,
     bg_iou_low=0.0,
-    box_weights=(10.0, 10.0, 5.0, 5.0),
+    box_coder=None,
     seed=None,
 ):
     """Sample ``S = num_rois`` ROIs per image for the box head, with class labels and box targets.
@@ -240,7 +240,7 @@ def sample_rois(
       proposals: ``(B, R, 4)``; proposal_valid: ``(B, R)`` bool.
       gt_boxes: ``(B, G, 4)``; gt_classes: ``(B, G)`` int in ``1..C-1``; gt_valid: ``(B, G)`` bool.
       num_rois: ``S``, a Python int.
-      box_weights: :func:`frcnn.boxes.encode` weights.
+      box_coder: the ROI heads' :class:`frcnn.boxes.BoxCoder` (default: weights ``(10, 10, 5, 5)``).
       seed: see :func:`sample_balanced`.
 
     Returns:
@@ -287,7 +287,7 @@ def sample_rois(
     unit = ops.convert_to_tensor([0.0, 0.0, 1.0, 1.0])
     reference = ops.where(roi_fg[:, :, None], rois, unit)
     target = ops.where(roi_fg[:, :, None], roi_gt_boxes, unit)
-    roi_box_targets = box_ops.encode(reference, target, box_weights)
+    roi_box_targets = (box_coder or box_ops.BoxCoder((10.0, 10.0, 5.0, 5.0))).encode(reference, target)
     return (
         ops.stop_gradient(rois),
         ops.stop_gradient(ops.cast(roi_classes, "int32")),

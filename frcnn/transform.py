@@ -95,3 +95,41 @@ def to_original(boxes, scales, original_sizes=None):
     sizes = ops.cast(original_sizes, "float32")
     limits = ops.stack([sizes[:, 1], sizes[:, 0], sizes[:, 1], sizes[:, 0]], axis=-1)[:, None, :]  # (B, 1, 4)
     return ops.minimum(boxes, limits)
+
+
+class ImageTransform:
+    """The model's input part (placeholder until the data branch lands): resize rule parameters for inference and
+    the normalisation. See the data branch for the full version."""
+
+    def __init__(self, min_size=800, max_size=1333, size_divisibility=32, fixed_size=False,
+                 pixel_mean=(103.939, 116.779, 123.68), pixel_std=(1.0, 1.0, 1.0), channel_order="bgr"):
+        self.min_size = int(min_size)
+        self.max_size = int(max_size)
+        self.size_divisibility = int(size_divisibility)
+        self.fixed_size = bool(fixed_size)
+        self.pixel_mean = tuple(float(v) for v in pixel_mean)
+        self.pixel_std = tuple(float(v) for v in pixel_std)
+        self.channel_order = channel_order
+
+    @classmethod
+    def from_input_config(cls, input_cfg):
+        return cls(input_cfg.test_min_size, input_cfg.max_size, input_cfg.size_divisibility, input_cfg.fixed_size,
+                   input_cfg.pixel_mean, input_cfg.pixel_std, input_cfg.channel_order)
+
+    def get_config(self):
+        return {"min_size": self.min_size, "max_size": self.max_size, "size_divisibility": self.size_divisibility,
+                "fixed_size": self.fixed_size, "pixel_mean": list(self.pixel_mean),
+                "pixel_std": list(self.pixel_std), "channel_order": self.channel_order}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def prepare_batch(self, images):
+        import types
+        cfg = types.SimpleNamespace(test_min_size=self.min_size, max_size=self.max_size,
+                                    size_divisibility=self.size_divisibility, fixed_size=self.fixed_size)
+        return prepare_batch(images, cfg)
+
+    def normalize(self, images, image_sizes):
+        return normalize(images, image_sizes, self.pixel_mean, self.pixel_std, self.channel_order)

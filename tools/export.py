@@ -32,10 +32,10 @@ def parse_args(argv):
 
 
 def _export(args):
-    from frcnn import export, loading
+    from frcnn import loading, tf_export as export
 
     model, cfg, _ = loading.load_trained_model(args.weights, args.config, args.overrides)
-    path = export.export_saved_model(model, args.out)
+    path = export.export_saved_model(model, args.out, cfg)
     print(f"SavedModel: {path}")
     print(f"  {export.SERVING_SIGNATURE}: images (N,) string (encoded images) -> boxes, scores, classes, "
           "num_detections")

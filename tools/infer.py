@@ -54,7 +54,8 @@ def _infer(args):
     def report(path, message):
         cli.error(f"{message} (skipped)")
 
-    results, failures = inference.detect_files(model, paths, args.batch_size, args.score_thresh, args.out,
+    results, failures = inference.detect_files(model, paths, args.batch_size or cfg.eval.batch_size,
+                                               args.score_thresh, args.out,
                                                on_error=report)
     json_path = inference.save_detections(
         os.path.join(args.out, "detections.json"), results, problems + failures,

@@ -1,7 +1,7 @@
 """Detection metrics: COCO-style AP through pycocotools, and Pascal VOC2007 11-point AP.
 
-Pure NumPy + pycocotools; nothing here needs TensorFlow. ``frcnn.boxes`` is deliberately not imported, because it
-imports TensorFlow: the one IoU needed here is re-stated in NumPy (:func:`_pairwise_iou`) with the same convention.
+Pure NumPy + pycocotools: nothing here runs the model. VOC07 matching uses :func:`frcnn.boxes.pairwise_iou_numpy`,
+the NumPy form of the project's one IoU.
 
 Conventions
 -----------
@@ -35,6 +35,8 @@ from collections.abc import Mapping
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from frcnn.boxes import pairwise_iou_numpy
 
 # The 12 numbers of COCOeval.stats for iouType="bbox", in order.
 COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -262,19 +264,6 @@ def _mean_valid(values):
 # --------------------------------------------------------------------------------------------------------------
 # Pascal VOC2007
 # --------------------------------------------------------------------------------------------------------------
-def _pairwise_iou(boxes_a, boxes_b):
-    """IoU of (N, 4) x (M, 4) boxes, continuous convention (width x2 - x1, as ``frcnn.boxes.pairwise_iou``)."""
-    a = boxes_a[:, None, :]
-    b = boxes_b[None, :, :]
-    iw = np.maximum(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0.0)
-    ih = np.maximum(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0.0)
-    inter = iw * ih
-    area_a = np.maximum(boxes_a[:, 2] - boxes_a[:, 0], 0.0) * np.maximum(boxes_a[:, 3] - boxes_a[:, 1], 0.0)
-    area_b = np.maximum(boxes_b[:, 2] - boxes_b[:, 0], 0.0) * np.maximum(boxes_b[:, 3] - boxes_b[:, 1], 0.0)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-
-
 def voc07_ap(recall, precision):
     """VOC2007 11-point interpolated AP: mean over ``t`` in {0, 0.1, ..., 1} of ``max(precision[recall >= t])``
     (0 when no recall reaches ``t``), the definition of the VOC2007 devkit (``VOCevaldet.m``).
@@ -357,7 +346,7 @@ def voc_evaluate(records, detections, class_names, iou_thresh=0.5):
             if len(boxes) == 0:
                 is_tp.append(False)
                 continue
-            ious = _pairwise_iou(det_boxes[d : d + 1], boxes)[0]
+            ious = pairwise_iou_numpy(det_boxes[d : d + 1], boxes)[0]
             j = int(np.argmax(ious))
             if ious[j] >= iou_thresh:
                 if ignore[j]:

@@ -1,4 +1,4 @@
-"""Export a trained detector as a TensorFlow SavedModel whose signatures take images and return detections.
+"""Export a trained detector as a TensorFlow SavedModel (TensorFlow only: imported on that backend) whose signatures take images and return detections.
 
 Signatures (``tf.saved_model.load(path).signatures[name]``):
 
@@ -13,7 +13,7 @@ Signatures (``tf.saved_model.load(path).signatures[name]``):
 Class names: ``assets.extra/classes.txt`` (line ``k`` is class ``k``, line 0 the background) and the full
 resolved config in ``assets.extra/config.yaml``.
 
-Preprocessing is :meth:`frcnn.model.FasterRCNN.prepare_batch` in graph ops, so an exported model gives the
+Preprocessing is the model's ``transform`` (:meth:`frcnn.transform.ImageTransform.prepare_batch`) in graph ops, so an exported model gives the
 detections of ``model.detect`` (float tolerance): decode with ``channels=3`` (grayscale replicated, alpha dropped),
 one scale ``min(min_size / shorter side, max_size / longer side)`` computed in float64 as Python does, resized
 side ``floor(side * scale + 0.5)`` kept within ``[1, max_size]`` (``frcnn.transform.resize_params_tf``), bilinear
@@ -46,19 +46,19 @@ class DetectorModule(tf.Module):
         # make tf.saved_model.save walk its whole object graph, which costs minutes and stores nothing useful.
         object.__setattr__(self, "model", model)
         self.model_variables = list(model.variables)
-        cfg = model.cfg.input
-        self._min_size = float(cfg.test_min_size)
-        self._max_size = float(cfg.max_size)
-        self._divisor = int(cfg.size_divisibility)
-        self._fixed = int(math.ceil(cfg.max_size / cfg.size_divisibility) * cfg.size_divisibility) \
-            if cfg.fixed_size else None
+        t = model.transform
+        self._min_size = float(t.min_size)
+        self._max_size = float(t.max_size)
+        self._divisor = int(t.size_divisibility)
+        self._fixed = int(math.ceil(t.max_size / t.size_divisibility) * t.size_divisibility) \
+            if t.fixed_size else None
         self.serve_encoded = tf.function(
             self._serve_encoded, input_signature=[tf.TensorSpec([None], tf.string, name="images")])
         self.detect_image = tf.function(
             self._detect_image, input_signature=[tf.TensorSpec([None, None, 3], tf.uint8, name="image")])
 
     # ----------------------------------------------------------------------------------------- preprocessing
-    # Eager-compatible too: tests compare these with FasterRCNN.prepare_batch without building a model.
+    # Eager-compatible too: tests compare these with ImageTransform.prepare_batch.
 
     def resize(self, image):
         """uint8 (H, W, 3) -> float32 resized image, its (height, width) int32 and the scale (float32)."""
@@ -126,8 +126,9 @@ class DetectorModule(tf.Module):
         return {key: value[0] for key, value in out.items()}
 
 
-def export_saved_model(model, out_dir):
-    """Write ``model`` (a built, loaded :class:`frcnn.model.FasterRCNN`) as a SavedModel in ``out_dir``.
+def export_saved_model(model, out_dir, cfg=None):
+    """Write ``model`` (a built, loaded :class:`frcnn.model.FasterRCNN`) as a SavedModel in ``out_dir``, with the
+    resolved config ``cfg`` (when given) in ``assets.extra/config.yaml``.
 
     The SavedModel is written beside ``out_dir`` first and moved into place, so an interrupted export leaves no
     half-written model. An existing SavedModel (or empty folder) at ``out_dir`` is replaced; any other existing
@@ -152,8 +153,9 @@ def export_saved_model(model, out_dir):
         os.makedirs(extra, exist_ok=True)
         with open(os.path.join(extra, "classes.txt"), "w", encoding="utf-8") as f:
             f.write("\n".join(model.class_names) + "\n")
-        save_config(model.cfg, os.path.join(extra, "config.yaml"))
-        os.chmod(os.path.join(extra, "config.yaml"), 0o644)  # save_config writes through a private temp file
+        if cfg is not None:
+            save_config(cfg, os.path.join(extra, "config.yaml"))
+            os.chmod(os.path.join(extra, "config.yaml"), 0o644)  # save_config writes through a private temp file
         os.chmod(tmp, 0o755)  # mkdtemp makes the folder private; an exported model is meant to be shared
         if os.path.exists(out_dir):
             old = tempfile.mkdtemp(prefix=".old-export-", dir=parent)
