@@ -223,7 +223,8 @@ def load_weights(model, filepath):
 def _has_frozen_norms(model):
     from frcnn.backbone import norm_kind
 
-    return norm_kind(model.trunk) == "frozen"
+    trunk = getattr(model, "trunk", None)
+    return trunk is not None and norm_kind(trunk) == "frozen"
 
 
 # Checkpoints written before the RPN and ROI parts existed: old variable path prefix -> new one.

@@ -76,6 +76,9 @@ class ROIHeads(NoAutocastLayer):
         class_probs, box_deltas = self.head(pooled, training=training)
         return roi_losses(class_probs, box_deltas, roi_classes, roi_box_targets, roi_valid, beta=self.smooth_l1_beta)
 
+    def get_build_config(self):
+        return None  # built by the detector's first forward pass (FasterRCNN.build_for_inference), not alone
+
     def get_config(self):
         return {
             **super().get_config(), "num_classes": self.num_classes, "norm": self.norm,

@@ -83,6 +83,9 @@ class RPN(NoAutocastLayer):
         losses = rpn_losses(rpn_logits, rpn_deltas, labels, box_targets, beta=self.smooth_l1_beta)
         return proposals, proposal_valid, losses
 
+    def get_build_config(self):
+        return None  # built by the detector's first forward pass (FasterRCNN.build_for_inference), not alone
+
     def get_config(self):
         return {
             **super().get_config(), "anchor_sizes": list(self.anchor_sizes), "anchor_ratios": list(self.anchor_ratios),

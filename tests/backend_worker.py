@@ -6,7 +6,7 @@ and compares the results. usage: python backend_worker.py WORKDIR
 WORKDIR holds ``model.weights.h5``, ``batch.npz`` (a training batch in the docs/CONTRACTS.md format) and
 ``images.npz`` written by the test; the worker writes ``result_<backend>.json``:
 - ``losses``: the four losses of the batch (sampling made deterministic by the config: every candidate sampled);
-- ``detections``: ``model.detect`` on the images;
+- ``detections``: ``frcnn.inference.detect`` on the images;
 - ``roi_align``: the largest difference between RoIAlign (fixed and adaptive sampling) and the NumPy reference;
 - ``nms``: whether the padded NMS keeps exactly the reference NMS's boxes on random cases;
 - ``custom_gradients``: the largest relative error of the hand-written gradients (group norm against finite
@@ -28,14 +28,16 @@ import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
 import reference as ref  # noqa: E402
+import frcnn.inference  # noqa: E402
 from frcnn import build_model, load_config  # noqa: E402
+from frcnn.checkpoints import load_weights  # noqa: E402
 from frcnn.ops import conv_with_matmul_kernel_grad, group_norm, non_max_suppression, roi_align  # noqa: E402
 
 # Every anchor and every proposal is sampled (positive fraction 1, samples >= candidates), so the four losses do
 # not depend on the backend's random numbers.
-OVERRIDES = ["data.classes=[circle,square,triangle]", "model.rpn_batch_size_per_image=100000",
-             "model.rpn_positive_fraction=1.0", "model.num_rois=72", "model.roi_positive_fraction=1.0",
-             "model.score_thresh=0.0", "train.optimizer=sgd", "train.lr=0.01", "train.warmup_steps=0"]
+OVERRIDES = ["data.classes=[circle,square,triangle]", "rpn.batch_size_per_image=100000",
+             "rpn.positive_fraction=1.0", "roi_heads.num_rois=72", "roi_heads.positive_fraction=1.0",
+             "roi_heads.score_thresh=0.0", "train.optimizer=sgd", "train.lr=0.01", "train.warmup_steps=0"]
 
 
 def check_roi_align():
@@ -128,15 +130,15 @@ def check_custom_gradients():
 def main(workdir):
     cfg = load_config("test.yaml", OVERRIDES)
     model = build_model(cfg, load_weights=False)
-    model.load_weights(os.path.join(workdir, "model.weights.h5"))
+    load_weights(model, os.path.join(workdir, "model.weights.h5"))
     batch = dict(np.load(os.path.join(workdir, "batch.npz")))
     losses = {k: float(ops.convert_to_numpy(v)) for k, v in model(batch, training=True).items()}
     images = list(np.load(os.path.join(workdir, "images.npz")).values())
-    detections = [{k: np.asarray(v).tolist() for k, v in d.items()} for d in model.detect(images)]
+    detections = [{k: np.asarray(v).tolist() for k, v in d.items()} for d in frcnn.inference.detect(model, images)]
 
-    from frcnn import training
+    from frcnn import optim
 
-    model.compile(optimizer=training.make_optimizer(cfg, steps_per_epoch=10))
+    model.compile(optimizer=optim.make_optimizer(cfg, steps_per_epoch=10))
     before = ops.convert_to_numpy(model.rpn.head.conv.kernel).copy()
     history = model.fit(_repeat(batch), steps_per_epoch=2, epochs=1, verbose=0)
     moved = float(np.abs(ops.convert_to_numpy(model.rpn.head.conv.kernel) - before).max())

@@ -6,7 +6,7 @@ multi-worker strategy its cluster, when it starts).
         one image per replica, ``train.jit_compile`` on) with one single-device step on the same two images (XLA
         off), from the same weights; then
         swaps their checkpoints (model + optimizer) and compares a second step; then checks
-        ``frcnn.training.sync_replica_gradients`` on a toy model (loss-scale overflow on one replica, clipping of
+        ``frcnn.tf_distribute.sync_replica_gradients`` on a toy model (loss-scale overflow on one replica, clipping of
         the global gradient). Writes ``OUT_DIR/result.json`` and the mirrored model's step-1 checkpoint
         ``OUT_DIR/mirrored_step1.weights.h5``.
 
@@ -114,7 +114,7 @@ def mirrored(out_dir):
     import keras
     import numpy as np
 
-    from frcnn import training
+    from frcnn import checkpoints, optim, tf_distribute
     from frcnn.config import load_config
     from frcnn.model import LOSS_NAMES, build_model
 
@@ -127,11 +127,11 @@ def mirrored(out_dir):
 
     keras.utils.set_random_seed(0)
     single = build_model(cfg, load_weights=False)
-    single.compile(optimizer=training.make_optimizer(cfg, 10), jit_compile=False)
+    single.compile(optimizer=optim.make_optimizer(cfg, 10), jit_compile=False)
     initial = single.get_weights()
     clock("build single")
 
-    strategy = training.make_strategy("mirrored")
+    strategy = tf_distribute.make_strategy("mirrored")
     result["replicas"] = strategy.num_replicas_in_sync
     # What fit will do with the dataset: each replica gets one of the two images.
     first = next(iter(strategy.experimental_distribute_dataset(dataset)))
@@ -144,7 +144,7 @@ def mirrored(out_dir):
     with strategy.scope():
         dist = build_model(cfg.replace(train=dataclasses.replace(cfg.train, jit_compile=MIRRORED_JIT)),
                            load_weights=False)
-        dist.compile(optimizer=training.make_optimizer(cfg, 10), jit_compile=MIRRORED_JIT)
+        dist.compile(optimizer=optim.make_optimizer(cfg, 10), jit_compile=MIRRORED_JIT)
         dist.set_weights(initial)
     clock("build mirrored")
 
@@ -166,11 +166,11 @@ def mirrored(out_dir):
     # Resume across strategies: each model restores the other's checkpoint (model + optimizer), then both step.
     single_ckpt = os.path.join(out_dir, "single_step1.weights.h5")
     dist_ckpt = os.path.join(out_dir, "mirrored_step1.weights.h5")
-    training.atomic_save_weights(single, single_ckpt)
-    training.atomic_save_weights(dist, dist_ckpt)
+    checkpoints.atomic_save_weights(single, single_ckpt)
+    checkpoints.atomic_save_weights(dist, dist_ckpt)
     with strategy.scope():
-        training.load_checkpoint(dist, single_ckpt, with_optimizer=True)
-    training.load_checkpoint(single, dist_ckpt, with_optimizer=True)
+        checkpoints.load_checkpoint(dist, single_ckpt, with_optimizer=True)
+    checkpoints.load_checkpoint(single, dist_ckpt, with_optimizer=True)
     result["restored_exactly"] = bool(
         all(np.array_equal(a, b) for a, b in zip(dist.get_weights(), w_single))
         and all(np.array_equal(a, b) for a, b in zip(single.get_weights(), w_dist))
@@ -208,7 +208,7 @@ def _toy_gradient_sync(strategy):
     import numpy as np
     import tensorflow as tf
 
-    from frcnn.training import sync_replica_gradients
+    from frcnn.tf_distribute import sync_replica_gradients
 
     class Toy(keras.Model):
         def __init__(self):
@@ -250,7 +250,7 @@ def _toy_gradient_sync(strategy):
 
 
 def worker(workdir, weights_out, result_out, overrides):
-    from frcnn import engine, training
+    from frcnn import engine, tf_distribute
     from frcnn.config import load_config
 
     cfg = load_config("test.yaml", ["train.strategy=multi_worker"] + list(overrides))
@@ -258,7 +258,7 @@ def worker(workdir, weights_out, result_out, overrides):
     model.save_weights(weights_out)
     strategy = model.distribute_strategy
     summary = {
-        "chief": training.is_chief(strategy),
+        "chief": tf_distribute.is_chief(strategy),
         "replicas": strategy.num_replicas_in_sync,
         "iterations": int(model.optimizer.iterations.numpy()),
         "loss": result["history"].get("loss"),

@@ -83,8 +83,8 @@ def test_interleaved_rounds_rotate_the_order_and_take_medians():
 
 def test_variant_changes_only_the_two_config_switches():
     cfg = workload.base_config("test.yaml", [], workload.Sizes(64, 96, 8, 4, 2))
-    assert (cfg.input.min_size, cfg.input.max_size, cfg.model.rpn_post_nms_topk_test) == (64, 96, 8)
-    assert (cfg.model.num_rois, cfg.train.batch_size, cfg.model.backbone_weights) == (4, 2, "none")
+    assert (cfg.input.min_size, cfg.input.max_size, cfg.rpn.post_nms_topk_test) == (64, 96, 8)
+    assert (cfg.roi_heads.num_rois, cfg.train.batch_size, cfg.model.backbone_weights) == (4, 2, "none")
     bf16 = workload.variant_config(cfg, workload.Variant("mixed_bfloat16", True))
     assert (bf16.train.mixed_precision, bf16.train.jit_compile) == ("mixed_bfloat16", True)
     assert workload.variant_config(cfg, workload.Variant("float32", False)).train.mixed_precision == "off"

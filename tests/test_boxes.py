@@ -36,14 +36,17 @@ def test_iou_batched():
 def test_encode_decode_round_trip_and_reference(weights):
     rng = np.random.default_rng(2)
     anchors, gt = random_boxes(rng, 50), random_boxes(rng, 50)
-    deltas = boxes.encode(anchors, gt, weights)
+    coder = boxes.BoxCoder(weights)
+    deltas = coder.encode(anchors, gt)
     np.testing.assert_allclose(deltas.numpy(), ref.encode(anchors, gt, weights), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(boxes.decode(deltas, anchors, weights).numpy(), gt, rtol=1e-4, atol=1e-3)
-    np.testing.assert_allclose(boxes.encode(gt, gt, weights).numpy(), 0.0, atol=1e-6)
+    np.testing.assert_allclose(coder.decode(deltas, anchors).numpy(), gt, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(coder.encode(gt, gt).numpy(), 0.0, atol=1e-6)
+    assert boxes.BoxCoder.of(coder.get_config()) == coder == boxes.BoxCoder.of(weights)
 
 
 def test_decode_clamps_huge_scales():
-    out = boxes.decode(tf.constant([[0.0, 0.0, 100.0, 100.0]]), tf.constant([[0.0, 0.0, 10.0, 10.0]])).numpy()
+    out = boxes.BoxCoder().decode(tf.constant([[0.0, 0.0, 100.0, 100.0]]), tf.constant([[0.0, 0.0, 10.0, 10.0]]))
+    out = out.numpy()
     assert np.all(np.isfinite(out))
     np.testing.assert_allclose(out[0, 2] - out[0, 0], 10.0 * 1000.0 / 16.0, rtol=1e-4)
 

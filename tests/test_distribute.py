@@ -113,15 +113,16 @@ def mirrored(children, mirrored_child):
 def test_strategy_settings_fail_clearly_and_pick_the_chief(monkeypatch):
     import tensorflow as tf
 
-    from frcnn import training
+    from frcnn import tf_distribute as training
+    from frcnn.errors import TrainingError
 
     monkeypatch.delenv("TF_CONFIG", raising=False)
-    with pytest.raises(training.TrainingError, match="TF_CONFIG"):
+    with pytest.raises(TrainingError, match="TF_CONFIG"):
         training.make_strategy("multi_worker")
     monkeypatch.setenv("TF_CONFIG", "{not json")
-    with pytest.raises(training.TrainingError, match="TF_CONFIG is not valid"):
+    with pytest.raises(TrainingError, match="TF_CONFIG is not valid"):
         training.make_strategy("multi_worker")
-    with pytest.raises(training.TrainingError, match="unknown train.strategy"):
+    with pytest.raises(TrainingError, match="unknown train.strategy"):
         training.make_strategy("parameter_server")
     assert training.make_strategy("default").num_replicas_in_sync == 1
     assert training.is_chief(training.make_strategy("default"))
@@ -151,14 +152,14 @@ def test_mixed_float16_trains_a_step_on_cpu_with_loss_scaling_and_float32_output
     from frcnn.transform import normalize
 
     from distribute_worker import _batch
-    from frcnn import training
+    from frcnn import optim
     from frcnn.config import load_config
     from frcnn.model import build_model
 
     cfg = load_config("test.yaml", list(MIRRORED_OVERRIDES) + ["train.mixed_precision=mixed_float16"])
     try:
         model = build_model(cfg, load_weights=False)
-        model.compile(optimizer=training.make_optimizer(cfg, 10), jit_compile=False)
+        model.compile(optimizer=optim.make_optimizer(cfg, 10), jit_compile=False)
         assert model.dtype_policy.name == "mixed_float16"
         assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
         batch = _batch()

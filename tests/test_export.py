@@ -1,7 +1,8 @@
-"""frcnn.export: the in-graph preprocessing of the SavedModel equals FasterRCNN.prepare_batch (no model needed).
+"""frcnn.tf_export: the in-graph preprocessing of the SavedModel equals the model's ImageTransform.prepare_batch (no
+model needed).
 
-The full round trip (export, tf.saved_model.load, same detections as FasterRCNN.detect) is in test_tools.py, which
-builds the one tiny model of the tool tests.
+The full round trip (export, tf.saved_model.load, same detections as frcnn.inference.detect) is in test_tools.py,
+which builds the one tiny model of the tool tests.
 """
 
 import types
@@ -12,15 +13,15 @@ import pytest
 import tensorflow as tf
 
 from frcnn.config import load_config
-from frcnn.export import DetectorModule
-from frcnn.model import FasterRCNN
+from frcnn.tf_export import DetectorModule
+from frcnn.transform import ImageTransform
 
 
 def _stub(min_size, max_size, divisor=32, fixed=False):
-    """What DetectorModule reads of a model before tracing: ``cfg`` and ``variables``."""
+    """What DetectorModule reads of a model before tracing: ``transform`` and ``variables``."""
     cfg = load_config("test.yaml", [f"input.min_size={min_size}", f"input.max_size={max_size}",
                                     f"input.size_divisibility={divisor}", f"input.fixed_size={str(fixed).lower()}"])
-    return types.SimpleNamespace(cfg=cfg, variables=[])
+    return types.SimpleNamespace(transform=ImageTransform.from_input_config(cfg.input), variables=[])
 
 
 def _images(shapes, seed=0):
@@ -53,7 +54,7 @@ def _assert_same(batch, expected):
 def test_encoded_batch_equals_prepare_batch(min_size, max_size, divisor, fixed, shapes):
     stub = _stub(min_size, max_size, divisor, fixed)
     images = _images(shapes)
-    expected = FasterRCNN.prepare_batch(stub, images)
+    expected = stub.transform.prepare_batch(images)
     module = DetectorModule(stub)
     batch = module.prepare_encoded(tf.constant([_png(image) for image in images]))
     _assert_same(batch, expected)
@@ -63,7 +64,7 @@ def test_encoded_batch_equals_prepare_batch(min_size, max_size, divisor, fixed, 
 def test_single_image_equals_prepare_batch():
     stub = _stub(128, 160)
     (image,) = _images([(77, 131)])
-    expected = FasterRCNN.prepare_batch(stub, [image])
+    expected = stub.transform.prepare_batch([image])
     batch = DetectorModule(stub).prepare_image(tf.constant(image))
     _assert_same(batch, expected)
 
@@ -75,5 +76,5 @@ def test_grayscale_and_rgba_decode_to_rgb():
     rgba = rng.integers(0, 256, size=(30, 20, 4), dtype=np.uint8)
     encoded = [cv2.imencode(".png", gray)[1].tobytes(), cv2.imencode(".png", rgba)[1].tobytes()]
     as_rgb = [np.repeat(gray[:, :, None], 3, axis=2), np.ascontiguousarray(rgba[:, :, 2::-1])]  # BGRA -> RGB
-    expected = FasterRCNN.prepare_batch(stub, as_rgb)
+    expected = stub.transform.prepare_batch(as_rgb)
     _assert_same(DetectorModule(stub).prepare_encoded(tf.constant(encoded)), expected)

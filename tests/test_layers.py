@@ -62,7 +62,7 @@ def test_reference_oracle_basics():
     deltas = ref.encode(anchors_np, targets, (10, 10, 5, 5))
     np.testing.assert_allclose(ref.decode(deltas, anchors_np, (10, 10, 5, 5)), targets, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(
-        box_ops.decode(deltas.astype(np.float32), anchors_np, (10, 10, 5, 5)).numpy(), targets, atol=1e-3
+        box_ops.BoxCoder((10, 10, 5, 5)).decode(deltas.astype(np.float32), anchors_np).numpy(), targets, atol=1e-3
     )
 
 
@@ -289,12 +289,16 @@ def test_proposal_layer_contract(tmp_path):
     """Shapes, config round trip, save and load, mixed precision: proposals stay float32 by design."""
     logits, deltas, anchors = _rpn_inputs(3, feature_hw=(3, 4))
     init = dict(pre_nms_topk_train=2000, post_nms_topk_train=512, pre_nms_topk_test=60, post_nms_topk_test=20,
-                nms_thresh=0.6, min_size=2.0, box_weights=(1, 1, 2, 2), name="prop")
+                nms_thresh=0.6, min_size=2.0, box_coder=box_ops.BoxCoder((1, 1, 2, 2)), name="prop")
     layer = run_layer_test(ProposalLayer, init, [logits, deltas, anchors, _IMAGE_SIZES], [(2, 20, 4), (2, 20)],
                            tmp_path, list_input=True, float32_outputs=(0,), expect_weights=False)
     clone = ProposalLayer.from_config(layer.get_config())
     assert clone.get_config() == layer.get_config()
-    assert clone.box_weights == (1.0, 1.0, 2.0, 2.0)
+    assert clone.box_coder == box_ops.BoxCoder((1.0, 1.0, 2.0, 2.0))
+    # frcnn 0.1 saved the coder's weights as box_weights
+    legacy = {**layer.get_config(), "box_weights": [1, 1, 2, 2]}
+    del legacy["box_coder"]
+    assert ProposalLayer.from_config(legacy).box_coder == clone.box_coder
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -373,7 +377,8 @@ def test_detection_layer_invalid_proposals_never_detected():
 def test_detection_layer_contract(tmp_path):
     """Shapes (eager and symbolic), config round trip, save and load, mixed precision: boxes and scores float32."""
     probs, deltas, proposals, valid = _detection_inputs(4, num_proposals=12, num_classes=5, num_invalid=2)
-    init = dict(num_classes=5, score_thresh=0.1, nms_thresh=0.4, max_detections=7, box_weights=(10, 10, 5, 5))
+    init = dict(num_classes=5, score_thresh=0.1, nms_thresh=0.4, max_detections=7,
+                box_coder={"weights": [10, 10, 5, 5]})
     # Flat outputs in key order: boxes, classes, num_detections, scores.
     layer = run_layer_test(DetectionLayer, init, [probs, deltas, proposals, valid, _IMAGE_SIZES],
                            [(2, 7, 4), (2, 7), (2,), (2, 7)], tmp_path, list_input=True, float32_outputs=(0, 3),

@@ -1,5 +1,7 @@
 """The detector: shapes, parameter counts, per-ROI independence of the head, save/reload, bad input."""
 
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -7,6 +9,8 @@ import tensorflow as tf
 
 import frcnn
 from frcnn import heads
+from frcnn.checkpoints import load_weights
+from frcnn.inference import detect
 from frcnn.backbone import BackboneWeightsError, build_res5, build_trunk
 from frcnn.config import load_config
 
@@ -15,7 +19,7 @@ CLASSES = "data.classes=[circle,square,triangle]"
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    cfg = load_config("test.yaml", [CLASSES, "model.score_thresh=0.0"])
+    cfg = load_config("test.yaml", [CLASSES, "roi_heads.score_thresh=0.0"])
     return frcnn.build_model(cfg)
 
 
@@ -92,7 +96,7 @@ def test_time_distributed_equals_keras_per_step_loop():
 def test_detect_outputs_in_original_pixels(tiny_model):
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (90, 170, 3), dtype=np.uint8), rng.integers(0, 255, (200, 64, 3), dtype=np.uint8)]
-    results = tiny_model.detect(images, batch_size=2)
+    results = detect(tiny_model, images, batch_size=2)
     assert len(results) == 2
     for image, res in zip(images, results):
         n = len(res["scores"])
@@ -104,8 +108,8 @@ def test_detect_outputs_in_original_pixels(tiny_model):
         assert set(res["class_names"]) <= {"circle", "square", "triangle"}
         assert np.all(np.diff(res["scores"]) <= 1e-6)
     # Batching does not change the answer (at equal padded size: padding itself can move a random model's ranks).
-    alone = tiny_model.detect(images[:1])[0]
-    pair = tiny_model.detect([images[0], images[0]], batch_size=2)
+    alone = detect(tiny_model, images[:1])[0]
+    pair = detect(tiny_model, [images[0], images[0]], batch_size=2)
     for res in pair:
         np.testing.assert_allclose(res["boxes"], alone["boxes"], rtol=1e-4, atol=1e-2)
         np.testing.assert_array_equal(res["classes"], alone["classes"])
@@ -113,35 +117,39 @@ def test_detect_outputs_in_original_pixels(tiny_model):
 
 def test_detect_rejects_bad_input(tiny_model):
     with pytest.raises(ValueError, match="non-empty list"):
-        tiny_model.detect([])
+        detect(tiny_model, [])
     with pytest.raises(TypeError, match="list"):
-        tiny_model.detect(np.zeros((10, 10, 3), np.uint8))
+        detect(tiny_model, np.zeros((10, 10, 3), np.uint8))
     with pytest.raises(TypeError, match="uint8"):
-        tiny_model.detect([np.zeros((10, 10, 3), np.float32)])
+        detect(tiny_model, [np.zeros((10, 10, 3), np.float32)])
     with pytest.raises(ValueError, match="shape"):
-        tiny_model.detect([np.zeros((10, 10), np.uint8)])
+        detect(tiny_model, [np.zeros((10, 10), np.uint8)])
     with pytest.raises(ValueError, match="empty"):
-        tiny_model.detect([np.zeros((0, 10, 3), np.uint8)])
+        detect(tiny_model, [np.zeros((0, 10, 3), np.uint8)])
 
 
 def test_save_and_reload_give_identical_detections(tmp_path):
     # A fresh model: one whose predict function was already traced for other image sizes runs a more general
     # graph, whose float rounding can differ in the last bit.
-    tiny_model = frcnn.build_model(load_config("test.yaml", [CLASSES, "model.score_thresh=0.0"]))
+    cfg = load_config("test.yaml", [CLASSES, "roi_heads.score_thresh=0.0"])
+    tiny_model = frcnn.build_model(cfg)
     image = np.random.default_rng(1).integers(0, 255, (128, 128, 3), dtype=np.uint8)
-    before = tiny_model.detect([image])[0]
+    before = detect(tiny_model, [image])[0]
     weights = str(tmp_path / "model.weights.h5")
     tiny_model.save_weights(weights)
-    again = frcnn.build_model(tiny_model.cfg, load_weights=False)
-    again.load_weights(weights)
-    after = again.detect([image])[0]
+    again = frcnn.build_model(cfg, load_weights=False)
+    load_weights(again, weights)
+    after = detect(again, [image])[0]
     np.testing.assert_array_equal(after["boxes"], before["boxes"])
     np.testing.assert_array_equal(after["classes"], before["classes"])
     path = str(tmp_path / "model.keras")
     tiny_model.save(path)
     loaded = keras.saving.load_model(path)
-    assert isinstance(loaded, frcnn.FasterRCNN) and loaded.cfg == tiny_model.cfg
-    reloaded = loaded.detect([image])[0]
+    as_json = lambda config: json.loads(json.dumps(config))  # noqa: E731  (tuples read back as lists)
+    assert isinstance(loaded, frcnn.FasterRCNN) and as_json(loaded.get_config()) == as_json(tiny_model.get_config())
+    assert loaded.transform.get_config() == tiny_model.transform.get_config()
+    assert loaded.class_names == tiny_model.class_names
+    reloaded = detect(loaded, [image])[0]
     np.testing.assert_array_equal(reloaded["boxes"], before["boxes"])
     np.testing.assert_array_equal(reloaded["scores"], before["scores"])
 
@@ -166,12 +174,12 @@ def test_missing_backbone_weights_file_is_a_clear_error(tmp_path):
 
 def test_whole_step_xla_gives_the_same_losses_and_detections():
     """train.jit_compile: Keras compiles the whole train and predict steps with XLA (every op is keras.ops)."""
-    from frcnn import training
+    from frcnn import optim
 
     # Every anchor and proposal sampled: the losses do not depend on the random draws.
-    cfg = load_config("test.yaml", [CLASSES, "model.score_thresh=0.0", "model.rpn_batch_size_per_image=100000",
-                                    "model.rpn_positive_fraction=1.0", "model.num_rois=72",
-                                    "model.roi_positive_fraction=1.0", "train.lr=0.000000001", "train.warmup_steps=0"])
+    cfg = load_config("test.yaml", [CLASSES, "roi_heads.score_thresh=0.0", "rpn.batch_size_per_image=100000",
+                                    "rpn.positive_fraction=1.0", "roi_heads.num_rois=72",
+                                    "roi_heads.positive_fraction=1.0", "train.lr=0.000000001", "train.warmup_steps=0"])
     model = frcnn.build_model(cfg)
     rng = np.random.default_rng(5)
     gt = np.zeros((2, cfg.input.max_gt, 4), np.float32)
@@ -188,7 +196,7 @@ def test_whole_step_xla_gives_the_same_losses_and_detections():
         assert compiled[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
     inputs = {"images": batch["images"], "image_sizes": batch["image_sizes"]}
     expected = model.predict_on_batch(inputs)
-    model.compile(optimizer=training.make_optimizer(cfg, steps_per_epoch=10), jit_compile=True)
+    model.compile(optimizer=optim.make_optimizer(cfg, steps_per_epoch=10), jit_compile=True)
     assert model.jit_compile  # Keras keeps XLA on: no layer declares supports_jit = False any more
     got = model.predict_on_batch(inputs)
     np.testing.assert_array_equal(got["num_detections"], expected["num_detections"])
@@ -196,3 +204,47 @@ def test_whole_step_xla_gives_the_same_losses_and_detections():
     np.testing.assert_allclose(got["boxes"], expected["boxes"], rtol=1e-4, atol=1e-3)
     logs = model.train_on_batch(batch, return_dict=True)  # the whole train step under XLA (lr ~ 0)
     assert logs["loss"] == pytest.approx(sum(plain.values()), rel=1e-4)
+
+
+def test_faster_rcnn_is_composed_of_the_parts_it_is_given(tmp_path):
+    """FasterRCNN reads no config: parts made by hand give the same model as build_model, its config serialises the
+    parts (keras-hub style) and each part owns one box coder, shared with what encodes or decodes for it."""
+    from frcnn.backbone import build_trunk
+    from frcnn.model import FasterRCNN
+    from frcnn.roi_heads import ROIHeads
+    from frcnn.rpn import RPN
+    from frcnn.transform import ImageTransform
+
+    cfg = load_config("test.yaml", [CLASSES])
+    keras.utils.set_random_seed(3)
+    built = frcnn.build_model(cfg, load_weights=False)
+    assert not hasattr(built, "cfg")
+    keras.utils.set_random_seed(3)
+    by_hand = FasterRCNN(build_trunk(cfg.model.norm, cfg.model.freeze_at), RPN.from_cfg(cfg), ROIHeads.from_cfg(cfg),
+                         ImageTransform.from_input_config(cfg.input), cfg.data.classes, name="faster_rcnn")
+    by_hand.build_for_inference()
+    assert by_hand.get_config() == built.get_config()
+    assert [v.path for v in by_hand.weights] == [v.path for v in built.weights]
+    clone = FasterRCNN.from_config(built.get_config())
+    clone.build_for_inference()
+    assert clone.get_config() == built.get_config() and clone.count_params() == built.count_params()
+    assert built.rpn.proposals.box_coder is built.rpn.box_coder
+    assert built.roi_heads.decoder.box_coder is built.roi_heads.box_coder
+    assert built.rpn.box_coder.weights == cfg.rpn.box_weights
+    assert built.roi_heads.box_coder.weights == cfg.roi_heads.box_weights
+
+
+def test_from_preset_loads_a_work_directory_and_names_unknown_presets(tmp_path):
+    from frcnn.config import ConfigError, save_config
+
+    cfg = load_config("test.yaml", [CLASSES, "roi_heads.score_thresh=0.0"])
+    model = frcnn.build_model(cfg, load_weights=False)
+    (tmp_path / "checkpoints").mkdir()
+    model.save_weights(str(tmp_path / "checkpoints" / "last.weights.h5"))
+    save_config(cfg, str(tmp_path / "config.yaml"))
+    loaded = frcnn.FasterRCNN.from_preset(str(tmp_path))
+    image = np.random.default_rng(2).integers(0, 255, (100, 120, 3), dtype=np.uint8)
+    np.testing.assert_allclose(detect(loaded, [image])[0]["scores"], detect(model, [image])[0]["scores"],
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="detectron2_coco_r50_c4_3x"):
+        frcnn.FasterRCNN.from_preset("no_such_preset")

@@ -6,6 +6,7 @@ import pytest
 import frcnn
 from frcnn import backbone
 from frcnn.config import load_config
+from frcnn.inference import detect
 from frcnn.data.shapes import render_image
 
 CLASSES = "data.classes=[circle,square,triangle]"
@@ -34,17 +35,17 @@ def _randomise_norms(model, rng):
 
 
 def test_folding_frozen_batchnorm_keeps_the_detections(tmp_path, float32_policy):
-    cfg = load_config("test.yaml", [CLASSES, "model.norm=frozen", "model.score_thresh=0.0"])
+    cfg = load_config("test.yaml", [CLASSES, "model.norm=frozen", "roi_heads.score_thresh=0.0"])
     model = frcnn.build_model(cfg, load_weights=False)
     _randomise_norms(model, np.random.default_rng(0))
     images = _images(2)
-    before = model.detect(images)
+    before = detect(model, images)
     norms = sum(isinstance(layer, backbone.FrozenBatchNormalization)
                 for layer in model.trunk.layers + model.roi_heads.head.res5.layer.layers)
     assert norms == 53  # every norm of ResNet-50 (stem 1, res2-res4 33... as built: 43 in the trunk, 10 in res5)
     assert model.fold_batchnorm() == norms
     assert model.fold_batchnorm() == 0  # idempotent
-    after = model.detect(images)
+    after = detect(model, images)
     for b, a in zip(before, after):
         np.testing.assert_array_equal(b["classes"][:20], a["classes"][:20])
         np.testing.assert_allclose(b["scores"][:20], a["scores"][:20], rtol=1e-3, atol=1e-5)
@@ -56,7 +57,7 @@ def test_folding_frozen_batchnorm_keeps_the_detections(tmp_path, float32_policy)
     model.save_weights(path)
     fresh = frcnn.build_model(cfg, load_weights=False)
     fresh.load_weights(path)
-    again = fresh.detect(images)
+    again = detect(fresh, images)
     for a, g in zip(after, again):
         np.testing.assert_allclose(a["scores"][:20], g["scores"][:20], rtol=1e-4, atol=1e-6)
 
@@ -95,12 +96,12 @@ def test_bfloat16_detections_agree_with_float32(trained_shapes, tmp_path, float3
     syn = cfg.data.synthetic
     images = [render_image(np.random.default_rng([77, i]), syn.image_size, syn.max_objects, False,
                            syn.object_size)[0] for i in range(16)]
-    reference = model.detect(images)
+    reference = detect(model, images)
     bf16_cfg = cfg.replace(train=dataclasses.replace(cfg.train, mixed_precision="mixed_bfloat16"))
     bf16 = frcnn.build_model(bf16_cfg, load_weights=False)
     bf16.load_weights(path)
     assert bf16.trunk.layers[2].compute_dtype == "bfloat16"
-    detections = bf16.detect(images)
+    detections = detect(bf16, images)
     assert all(d["boxes"].dtype == np.float32 and d["scores"].dtype == np.float32 for d in detections)
     # The small model's scores stay low (about 0.45 at most after its 300 steps): its detections above 0.2 are the
     # reference (about 150 on these images when this test was written; AP50 0.997, AP 0.98 in bfloat16).
@@ -133,7 +134,7 @@ def test_checkpoints_from_plain_batchnorm_frozen_norms_still_load(tmp_path, floa
 
     import h5py
 
-    cfg = load_config("test.yaml", [CLASSES, "model.norm=frozen", "model.score_thresh=0.0"])
+    cfg = load_config("test.yaml", [CLASSES, "model.norm=frozen", "roi_heads.score_thresh=0.0"])
     model = frcnn.build_model(cfg, load_weights=False)
     _randomise_norms(model, np.random.default_rng(3))
     path, old = str(tmp_path / "new.weights.h5"), str(tmp_path / "old.weights.h5")
@@ -149,3 +150,25 @@ def test_checkpoints_from_plain_batchnorm_frozen_norms_still_load(tmp_path, floa
     fresh.load_weights(old)
     for a, b in zip(model.get_weights(), fresh.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_speed_paths_are_on_only_where_measured(monkeypatch):
+    """train.speed_paths: the matrix-product convolutions and the fused optimizer kernels were measured on a CPU;
+    auto turns them on there and off on an accelerator, on/off force them."""
+    from frcnn import optim, precision
+
+    cfg = load_config("test.yaml", [CLASSES])
+
+    def paths(setting):
+        c = cfg.with_values(train__speed_paths=setting)
+        model = frcnn.build_model(c, load_weights=False)
+        res5 = model.roi_heads.head.res5.layer.get_layer("conv5_block1_1_conv").matmul_form
+        fused = getattr(optim.make_optimizer(c, 10), "fused_kernels", None)
+        return model.rpn.head.conv.matmul_form, res5, fused
+
+    assert paths("on") == ("kernel_grad", "all", True)
+    assert paths("off") == ("none", "none", False)
+    assert not precision.accelerator_present()  # this test machine computes on its CPU
+    assert paths("auto") == paths("on")
+    monkeypatch.setattr(precision, "_accelerator_cached", lambda: True)  # as on a GPU
+    assert paths("auto") == paths("off")

@@ -28,7 +28,7 @@ def no_download(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a test tried to download")
 
-    monkeypatch.setattr(pretrained, "_get_file", refuse)
+    monkeypatch.setattr(pretrained.registry, "_get_file", refuse)
 
 
 # ----------------------------------------------------------------------------------- Detectron2-format files
@@ -274,7 +274,7 @@ def test_anchor_order_and_rpn_channels_need_no_permutation(tiny_model, tmp_path)
     sd["proposal_generator.rpn_head.anchor_deltas.bias"][:] = (100.0 * np.arange(15)[:, None]
                                                                + np.arange(4)[None, :]).reshape(-1)
     pretrained.load_detector_weights(tiny_model, write_d2(tmp_path / "rpn.pkl", sd))
-    assert c == tiny_model.cfg.model.rpn_channels
+    assert c == tiny_model.rpn.channels
 
     h, w = 2, 3
     logits, deltas = tiny_model.rpn.head(np.zeros((1, h, w, 1024), np.float32))
@@ -395,14 +395,14 @@ def test_zoo_names_and_urls_are_detectron2s():
             cfg = load_config(entry.config)
             classes = pretrained.VOC_CLASSES if "VOC" in entry.name else pretrained.COCO_CLASSES
             assert tuple(cfg.data.classes) == classes
-            m, i = cfg.model, cfg.input
+            a, r, h, i = cfg.anchors, cfg.rpn, cfg.roi_heads, cfg.input
             assert (i.test_min_size, i.max_size, i.size_divisibility) == (800, 1333, 1)
             assert tuple(i.pixel_mean) == (103.530, 116.280, 123.675) and i.channel_order == "bgr"
-            assert (m.anchor_sizes, m.anchor_ratios, m.anchor_offset) == ((32, 64, 128, 256, 512), (0.5, 1, 2), 0)
-            assert (m.rpn_pre_nms_topk_test, m.rpn_post_nms_topk_test, m.rpn_nms_thresh) == (6000, 1000, 0.7)
-            assert (m.score_thresh, m.nms_thresh, m.max_detections) == (0.05, 0.5, 100)
-            assert (m.sampling_ratio, m.pool_size, m.norm, m.num_rois) == (0, 14, "frozen", 512)
-            assert (m.rpn_smooth_l1_beta, m.roi_smooth_l1_beta) == (0.0, 0.0)
+            assert (a.sizes, a.ratios, a.offset) == ((32, 64, 128, 256, 512), (0.5, 1, 2), 0)
+            assert (r.pre_nms_topk_test, r.post_nms_topk_test, r.nms_thresh) == (6000, 1000, 0.7)
+            assert (h.score_thresh, h.nms_thresh, h.max_detections) == (0.05, 0.5, 100)
+            assert (h.sampling_ratio, h.pool_size, cfg.model.norm, h.num_rois) == (0, 14, "frozen", 512)
+            assert (r.smooth_l1_beta, h.smooth_l1_beta) == (0.0, 0.0)
             t = cfg.train
             iters = t.steps_per_epoch * t.epochs
             steps = [e * t.steps_per_epoch for e in t.lr_decay_epochs]
@@ -431,7 +431,7 @@ def _fake_download(source):
 def test_sha256_recorded_on_arrival_and_a_modified_cache_is_caught(d2_file, tmp_path, monkeypatch, caplog):
     _, source = d2_file
     get_file, calls = _fake_download(source)
-    monkeypatch.setattr(pretrained, "_get_file", get_file)
+    monkeypatch.setattr(pretrained.registry, "_get_file", get_file)
     spec = "detectron2:COCO-Detection/faster_rcnn_R_50_C4_3x"
     with caplog.at_level(logging.INFO, logger="frcnn.pretrained"):
         path = pretrained.resolve(spec, cache_dir=str(tmp_path))
@@ -456,7 +456,7 @@ def test_sha256_recorded_on_arrival_and_a_modified_cache_is_caught(d2_file, tmp_
 def test_a_cached_file_without_record_is_recorded_with_a_warning(d2_file, tmp_path, monkeypatch, caplog):
     _, source = d2_file
     get_file, calls = _fake_download(source)
-    monkeypatch.setattr(pretrained, "_get_file", get_file)
+    monkeypatch.setattr(pretrained.registry, "_get_file", get_file)
     target = tmp_path / "detectron2" / "142202221_model_final_b1acc2.pkl"
     target.parent.mkdir()
     target.write_bytes(open(source, "rb").read())
@@ -470,7 +470,7 @@ def test_download_failure_says_how_to_work_offline(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise OSError("network is unreachable")
 
-    monkeypatch.setattr(pretrained, "_get_file", offline)
+    monkeypatch.setattr(pretrained.registry, "_get_file", offline)
     with pytest.raises(pretrained.PretrainedError, match=r"could not download.*pass its path"):
         pretrained.resolve("detectron2:COCO-Detection/faster_rcnn_R_50_C4_1x", cache_dir=str(tmp_path))
 

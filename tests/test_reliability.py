@@ -102,7 +102,8 @@ def _hold_lock(workdir):
 
 
 def test_second_training_run_in_a_work_directory_is_refused_and_a_killed_owner_frees_it(tmp_path, capsys):
-    from frcnn import training
+    from frcnn import checkpoints
+    from frcnn.errors import TrainingError
 
     workdir = tmp_path / "run"
     owner = _hold_lock(workdir)
@@ -115,20 +116,20 @@ def test_second_training_run_in_a_work_directory_is_refused_and_a_killed_owner_f
         assert str(workdir) in err and f"process {owner.pid}" in err and "in use by another training run" in err
         assert sorted(os.listdir(workdir)) == [".lock"]  # no config.yaml, no checkpoints
         # A non-chief worker of a multi-worker run shares the chief's directory: never refused.
-        with training.own_workdir(str(workdir), chief=False):
+        with checkpoints.own_workdir(str(workdir), chief=False):
             pass
-        with pytest.raises(training.TrainingError, match=f"process {owner.pid}"):
-            with training.own_workdir(str(workdir)):
+        with pytest.raises(TrainingError, match=f"process {owner.pid}"):
+            with checkpoints.own_workdir(str(workdir)):
                 pass
     finally:
         owner.kill()  # SIGKILL: no cleanup code runs in the owner
         owner.wait()
         owner.stdout.close()
-    with training.own_workdir(str(workdir)):  # the kernel released the dead owner's lock
-        with pytest.raises(training.TrainingError, match=f"process {os.getpid()}"):
-            with training.own_workdir(str(workdir)):  # and a second claim in the same process is refused too
+    with checkpoints.own_workdir(str(workdir)):  # the kernel released the dead owner's lock
+        with pytest.raises(TrainingError, match=f"process {os.getpid()}"):
+            with checkpoints.own_workdir(str(workdir)):  # and a second claim in the same process is refused too
                 pass
-    with training.own_workdir(str(workdir)):  # released on exit
+    with checkpoints.own_workdir(str(workdir)):  # released on exit
         pass
 
 
@@ -158,22 +159,22 @@ EPOCHS, STEPS = 2, 4
 
 
 def _fit(model, ckpt, start_step=0, best=None):
-    from frcnn import training
+    from frcnn import callbacks, checkpoints, engine
 
-    stop = training.StopOnNonFinite()
-    manager = training.CheckpointManager(str(ckpt), STEPS, every_steps=1, best=best)
-    training.fit_resumable(model, _data(), EPOCHS, STEPS, [stop, manager], manager, stop, start_step=start_step,
+    stop = callbacks.StopOnNonFinite()
+    manager = checkpoints.CheckpointManager(str(ckpt), STEPS, every_steps=1, best=best)
+    engine.fit_resumable(model, _data(), EPOCHS, STEPS, [stop, manager], manager, stop, start_step=start_step,
                            verbose=0)
 
 
 def _resume(ckpt):
     """What frcnn.engine.train does on a restart: clear temporaries, restore, go on to the end."""
-    from frcnn import training
+    from frcnn import checkpoints
     from frcnn.fileio import remove_stale_temporaries
 
     remove_stale_temporaries(str(ckpt))
     model = _tiny_model()
-    state = training.restore_checkpoint(model, str(ckpt), STEPS, training.read_state(str(ckpt)))
+    state = checkpoints.restore_checkpoint(model, str(ckpt), STEPS, checkpoints.read_state(str(ckpt)))
     start = state["global_step"]
     _fit(model, ckpt, start_step=start, best=state.get("best"))
     return model, start
@@ -192,14 +193,14 @@ def test_kill_at_any_point_of_a_checkpoint_write_resumes_exactly(tmp_path, monke
 
     import numpy as np
 
-    from frcnn import training
+    from frcnn import checkpoints
 
     reference = _tiny_model()
     _fit(reference, tmp_path / "reference")
 
     ckpt = tmp_path / "ckpt"
     kill_step = 3
-    real_weights, real_json = training.atomic_save_weights, training.atomic_write_json
+    real_weights, real_json = checkpoints.atomic_save_weights, checkpoints.atomic_write_json
 
     def leave_partial(path, data):
         # What a SIGKILL mid-write leaves: a partial temporary beside the target (atomic_path removes its own
@@ -223,20 +224,20 @@ def test_kill_at_any_point_of_a_checkpoint_write_resumes_exactly(tmp_path, monke
         if obj["global_step"] == kill_step and point == "after_state_rename":
             raise Killed
 
-    monkeypatch.setattr(training, "atomic_save_weights", weights)
-    monkeypatch.setattr(training, "atomic_write_json", write_json)
+    monkeypatch.setattr(checkpoints, "atomic_save_weights", weights)
+    monkeypatch.setattr(checkpoints, "atomic_write_json", write_json)
     with pytest.raises(Killed):
         _fit(_tiny_model(), ckpt)
     monkeypatch.undo()
     # The files as the kill left them: the weights may be one checkpoint ahead of the state, never behind.
     weights_step = 2 if point == "in_weights_write" else 3
     state_step = 3 if point == "after_state_rename" else 2
-    assert training.read_state(str(ckpt))["global_step"] == state_step
+    assert checkpoints.read_state(str(ckpt))["global_step"] == state_step
 
     resumed, start = _resume(ckpt)
     assert start == weights_step
     assert int(resumed.optimizer.iterations.numpy()) == EPOCHS * STEPS  # not one step more or less
-    state = training.read_state(str(ckpt))
+    state = checkpoints.read_state(str(ckpt))
     assert state["global_step"] == EPOCHS * STEPS and state["epoch"] == EPOCHS
     for a, b in zip(resumed.get_weights(), reference.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
@@ -245,13 +246,13 @@ def test_kill_at_any_point_of_a_checkpoint_write_resumes_exactly(tmp_path, monke
 
 
 def test_weights_without_state_resume_from_their_own_step(tmp_path):
-    from frcnn import training
+    from frcnn import checkpoints
 
     model = _tiny_model()
     _fit(model, tmp_path)
-    os.remove(tmp_path / training.STATE_FILE)  # e.g. killed after the very first weights rename
-    assert training.has_checkpoint(str(tmp_path)) and training.read_state(str(tmp_path)) is None
-    state = training.restore_checkpoint(_tiny_model(), str(tmp_path), STEPS)
+    os.remove(tmp_path / checkpoints.STATE_FILE)  # e.g. killed after the very first weights rename
+    assert checkpoints.has_checkpoint(str(tmp_path)) and checkpoints.read_state(str(tmp_path)) is None
+    state = checkpoints.restore_checkpoint(_tiny_model(), str(tmp_path), STEPS)
     assert state["global_step"] == EPOCHS * STEPS and state["epoch"] == EPOCHS
 
 
@@ -261,10 +262,11 @@ def test_weights_without_state_resume_from_their_own_step(tmp_path):
 def test_disk_full_during_a_checkpoint_write_stops_with_a_message_and_keeps_the_old_one(tmp_path, monkeypatch):
     import errno
 
-    from frcnn import training
+    from frcnn import checkpoints
+    from frcnn.errors import TrainingError
 
     model = _tiny_model()
-    manager = training.CheckpointManager(str(tmp_path), STEPS)
+    manager = checkpoints.CheckpointManager(str(tmp_path), STEPS)
     manager.set_model(model)
     model.optimizer.build(model.trainable_variables)
     manager.save()
@@ -277,17 +279,17 @@ def test_disk_full_during_a_checkpoint_write_stops_with_a_message_and_keeps_the_
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(model, "save_weights", full_disk)
-    with pytest.raises(training.TrainingError) as err:
+    with pytest.raises(TrainingError) as err:
         manager.save()
     message = str(err.value)
-    needed = training.checkpoint_bytes(model)
+    needed = checkpoints.checkpoint_bytes(model)
     assert str(tmp_path) in message and f"{needed} bytes" in message and "last good checkpoint" in message
     assert {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)} == before  # old files intact, no temp
 
     # Known in advance: too little free space refuses the write before it starts (save_weights never called).
-    monkeypatch.setattr(training.shutil, "disk_usage", lambda p: shutil_usage(free=needed - 1))
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda p: shutil_usage(free=needed - 1))
     monkeypatch.setattr(model, "save_weights", lambda *a, **k: pytest.fail("wrote with too little free space"))
-    with pytest.raises(training.TrainingError, match=rf"needs about {needed} bytes .*{needed - 1} bytes are free"):
+    with pytest.raises(TrainingError, match=rf"needs about {needed} bytes .*{needed - 1} bytes are free"):
         manager.save()
     assert {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)} == before
 
@@ -299,14 +301,14 @@ def shutil_usage(free):
 
 
 def test_checkpoint_size_estimate_covers_the_written_file(tmp_path):
-    from frcnn import training
+    from frcnn import checkpoints
 
     model = _tiny_model()
     model.optimizer.build(model.trainable_variables)
     path = tmp_path / "x.weights.h5"
-    training.atomic_save_weights(model, str(path))
-    assert training.checkpoint_bytes(model) >= os.path.getsize(path)
-    assert training.checkpoint_bytes(model, str(path)) >= os.path.getsize(path)
+    checkpoints.atomic_save_weights(model, str(path))
+    assert checkpoints.checkpoint_bytes(model) >= os.path.getsize(path)
+    assert checkpoints.checkpoint_bytes(model, str(path)) >= os.path.getsize(path)
 
 
 # ------------------------------------------------------------ defect 5: images that do not decode are named
@@ -573,10 +575,11 @@ def test_negative_coco_width_is_named_as_such(tmp_path):
 
 
 def test_training_on_crowd_boxes_only_is_refused_with_the_reason(tmp_path):
-    from frcnn import engine, training
+    from frcnn import engine
+    from frcnn.errors import TrainingError
 
     cfg = _coco_root(tmp_path, [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [3, 5, 10, 10], "iscrowd": 1}])
     # A norm that trains from random weights: frozen norms without pretrained weights are refused even earlier.
     cfg = cfg.replace(model=dataclasses.replace(cfg.model, norm="group", freeze_at=0))
-    with pytest.raises(training.TrainingError, match="no box to train on: all 1 boxes are crowd"):
+    with pytest.raises(TrainingError, match="no box to train on: all 1 boxes are crowd"):
         engine.train(cfg, str(tmp_path / "run"), verbose=0)

@@ -116,7 +116,7 @@ def test_train_tool_refuses_bad_override(capsys):
 def test_frozen_norm_from_random_weights_is_refused_before_any_work(tmp_path):
     """norm=frozen keeps the identity statistics of random weights and diverges: refused by name, before the work
     directory or the dataset is touched, with what to use instead."""
-    from frcnn.training import TrainingError
+    from frcnn.errors import TrainingError
 
     cfg = load_config("voc.yaml", ["model.backbone_weights=none", f"data.root={tmp_path / 'no_such_voc'}"])
     assert cfg.model.norm == "frozen"

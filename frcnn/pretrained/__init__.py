@@ -13,15 +13,22 @@ Public API (re-exported here): :func:`load_backbone` (the initial weights ``mode
 :func:`frcnn.loading.load_pretrained_model`, or ``frcnn.FasterRCNN.from_preset``.
 """
 
-from frcnn.pretrained.convert import (  # noqa: F401
+from frcnn.pretrained.convert import (
     class_permutation, conv_kernel, dense_kernel, frozen_bn_values, load_detector_weights, load_initial_weights,
     resnet_plan,
 )
-from frcnn.pretrained.reader import Checkpoint, read_checkpoint  # noqa: F401
-from frcnn.pretrained.registry import (  # noqa: F401
+from frcnn.pretrained.reader import Checkpoint, read_checkpoint
+from frcnn.pretrained.registry import (
     COCO_CATEGORY_IDS, COCO_CLASSES, PREFIX, PRESETS, VOC_CLASSES, ZOO, PretrainedError, ZooEntry, check_sidecar,
     default_config, is_detectron2_spec, preset_entry, resolve, sha256_file, zoo_entry,
 )
+
+__all__ = [
+    "COCO_CATEGORY_IDS", "COCO_CLASSES", "Checkpoint", "PREFIX", "PRESETS", "PretrainedError", "VOC_CLASSES", "ZOO",
+    "ZooEntry", "check_sidecar", "class_permutation", "conv_kernel", "default_config", "dense_kernel",
+    "frozen_bn_values", "is_detectron2_spec", "load_backbone", "load_detector_weights", "load_initial_weights",
+    "preset_entry", "read_checkpoint", "resnet_plan", "resolve", "sha256_file", "zoo_entry",
+]
 
 
 def load_backbone(model, weights):
