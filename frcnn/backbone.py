@@ -107,9 +107,10 @@ class Conv2D(layers.Conv2D):
     stride-1 "same" convolutions with the backend's forward pass and input gradient but their kernel gradient as one
     matrix product (:func:`frcnn.ops.conv_with_matmul_kernel_grad`). ``"kernel_grad"`` (the RPN's 3x3 conv) does
     only the latter; ``"none"`` (the trunk) is Keras' convolution throughout. Why: on a CPU with native
-    bfloat16, oneDNN's bfloat16 kernel gradient for such shapes ran at a third of the rate of its forward pass and of
-    a matrix product (docs/NOTES.md). Inference keeps Keras' convolution, which the backend fuses with the bias and
-    the activation (faster there); so does the trunk, whose few large maps have a fast kernel gradient.
+    bfloat16, oneDNN's bfloat16 kernel gradient for such shapes ran well below the rate of its forward pass and of
+    a matrix product (figures in docs/NOTES.md). A speed path measured on a CPU only: ``train.speed_paths`` turns it
+    off elsewhere. Inference keeps Keras' convolution, which the backend fuses with the bias and the activation; so
+    does the trunk, whose few large maps have a fast kernel gradient.
 
     The class keeps Keras' name so that checkpoints name its variables as before (Keras derives weight-file paths
     from the class name).
@@ -146,18 +147,26 @@ class Conv2D(layers.Conv2D):
 
 @keras.saving.register_keras_serializable(package="frcnn")
 class GroupNormalization(layers.GroupNormalization):
-    """``keras.layers.GroupNormalization`` (the same variables, the same outputs to float round-off) computed by
-    :func:`frcnn.ops.group_norm`: float32 statistics, one multiply-add per element in the compute dtype and a
-    written-out gradient, instead of Keras' float32 copy of the activation and a gradient derived through the
-    reductions (1.1-2x faster forwards and backwards here, docs/NOTES.md). Channels-last with ``scale`` and
-    ``center`` (how the trunk uses it); other settings fall back to Keras'. The class keeps Keras' name, so
-    checkpoints name its variables as before."""
+    """``keras.layers.GroupNormalization`` (the same variables, the same outputs to float round-off), with
+    ``written_gradient`` computed by :func:`frcnn.ops.group_norm`: float32 statistics, one multiply-add per element
+    in the compute dtype and a written-out gradient, instead of Keras' float32 copy of the activation and a gradient
+    derived through the reductions (faster forwards and backwards on the development CPU: docs/NOTES.md; a speed
+    path, ``train.speed_paths``). Channels-last with ``scale`` and ``center`` (how the trunk uses it); other settings
+    fall back to Keras'. The class keeps Keras' name, so checkpoints name its variables as before."""
+
+    def __init__(self, *args, written_gradient=True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.written_gradient = bool(written_gradient)
 
     def call(self, inputs):
-        if self.axis not in (-1, len(inputs.shape) - 1) or len(inputs.shape) != 4 or not (self.scale and self.center):
+        if (not self.written_gradient or self.axis not in (-1, len(inputs.shape) - 1) or len(inputs.shape) != 4
+                or not (self.scale and self.center)):
             return super().call(inputs)
         outputs = frcnn_ops.group_norm(inputs, self.gamma, self.beta, self.groups, self.epsilon)
         return keras.ops.cast(outputs, self.compute_dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "written_gradient": self.written_gradient}
 
 
 MATMUL_MODES = ("none", "kernel_grad", "all")
@@ -173,10 +182,11 @@ def _matmul_mode(value):
     return value
 
 
-def _norm(kind, name, zero_init=False):
+def _norm(kind, name, zero_init=False, speed_paths=True):
     gamma = "zeros" if zero_init else "ones"
     if kind == "group":
-        return GroupNormalization(groups=32, epsilon=1e-5, gamma_initializer=gamma, name=name)
+        return GroupNormalization(groups=32, epsilon=1e-5, gamma_initializer=gamma, written_gradient=speed_paths,
+                                  name=name)
     if kind == "frozen":
         return FrozenBatchNormalization(axis=-1, epsilon=BN_EPSILON, gamma_initializer=gamma, name=name)
     return layers.BatchNormalization(axis=-1, epsilon=BN_EPSILON, gamma_initializer=gamma, name=name)
@@ -187,49 +197,50 @@ def _conv(filters, kernel, name, strides=1, padding="valid", matmul_form="none")
                   matmul_form=matmul_form, name=name)
 
 
-def _bottleneck(x, filters, stride, shortcut_conv, name, norm, matmul_form="none"):
+def _bottleneck(x, filters, stride, shortcut_conv, name, norm, matmul_form="none", speed_paths=True):
     # Zero-initialised last norm gamma makes each residual block start as the identity: the standard trick that
     # lets a deep ResNet train from scratch. Only for norms that train; frozen ones keep gamma = 1.
     zero_last = norm != "frozen"
     if shortcut_conv:
         shortcut = _conv(4 * filters, 1, name + "_0_conv", strides=stride, matmul_form=matmul_form)(x)
-        shortcut = _norm(norm, name + "_0_bn")(shortcut)
+        shortcut = _norm(norm, name + "_0_bn", speed_paths=speed_paths)(shortcut)
     else:
         shortcut = x
     x = _conv(filters, 1, name + "_1_conv", strides=stride, matmul_form=matmul_form)(x)
-    x = _norm(norm, name + "_1_bn")(x)
+    x = _norm(norm, name + "_1_bn", speed_paths=speed_paths)(x)
     x = layers.Activation("relu", name=name + "_1_relu")(x)
     x = _conv(filters, 3, name + "_2_conv", padding="same", matmul_form=matmul_form)(x)
-    x = _norm(norm, name + "_2_bn")(x)
+    x = _norm(norm, name + "_2_bn", speed_paths=speed_paths)(x)
     x = layers.Activation("relu", name=name + "_2_relu")(x)
     x = _conv(4 * filters, 1, name + "_3_conv", matmul_form=matmul_form)(x)
-    x = _norm(norm, name + "_3_bn", zero_init=zero_last)(x)
+    x = _norm(norm, name + "_3_bn", zero_init=zero_last, speed_paths=speed_paths)(x)
     x = layers.Add(name=name + "_add")([shortcut, x])
     return layers.Activation("relu", name=name + "_out")(x)
 
 
-def _stage(x, stage, norm, matmul_form="none"):
+def _stage(x, stage, norm, matmul_form="none", speed_paths=True):
     name, filters, blocks, stride = stage
-    x = _bottleneck(x, filters, stride, True, f"{name}_block1", norm, matmul_form)
+    x = _bottleneck(x, filters, stride, True, f"{name}_block1", norm, matmul_form, speed_paths)
     for i in range(2, blocks + 1):
-        x = _bottleneck(x, filters, 1, False, f"{name}_block{i}", norm, matmul_form)
+        x = _bottleneck(x, filters, 1, False, f"{name}_block{i}", norm, matmul_form, speed_paths)
     return x
 
 
-def build_trunk(norm="frozen", freeze_at=2):
+def build_trunk(norm="frozen", freeze_at=2, speed_paths=True):
     """ResNet-50 from the (already preprocessed) image to res4: ``(B, H, W, 3) -> (B, ceil(H/16), ceil(W/16), 1024)``.
 
     ``freeze_at``: 0 trains everything, 1 freezes the stem (conv1), 2 the stem and res2, 3 also res3, 4 also res4.
+    ``speed_paths``: GroupNorm's written-out gradient (``train.speed_paths``).
     """
     inputs = keras.Input((None, None, 3), name="image")
     x = layers.ZeroPadding2D(3, name="conv1_pad")(inputs)
     x = _conv(64, 7, "conv1_conv", strides=2)(x)
-    x = _norm(norm, "conv1_bn")(x)
+    x = _norm(norm, "conv1_bn", speed_paths=speed_paths)(x)
     x = layers.Activation("relu", name="conv1_relu")(x)
     x = layers.ZeroPadding2D(1, name="pool1_pad")(x)
     x = layers.MaxPooling2D(3, strides=2, name="pool1_pool")(x)
     for stage in STAGES[:3]:
-        x = _stage(x, stage, norm)
+        x = _stage(x, stage, norm, speed_paths=speed_paths)
     trunk = keras.Model(inputs, x, name="resnet50_res4")
     frozen_prefixes = ("conv1", "conv2", "conv3", "conv4")[:freeze_at]
     for layer in trunk.layers:
@@ -238,14 +249,15 @@ def build_trunk(norm="frozen", freeze_at=2):
     return trunk
 
 
-def build_res5(norm="frozen", matmul_form="all"):
+def build_res5(norm="frozen", speed_paths=True):
     """The res5 stage (``conv5`` blocks): ``(n, P, P, 1024) -> (n, ceil(P/2), ceil(P/2), 2048)``, one ROI per sample.
 
-    Many small maps (one per ROI): with ``matmul_form="all"`` its convolutions are computed as matrix products in
-    training (:class:`Conv2D`; a speed path measured on a CPU, ``train.speed_paths``); in inference they are
-    Keras' own."""
+    Many small maps (one per ROI): with ``speed_paths`` (``train.speed_paths``, measured on a CPU) its convolutions
+    are computed as matrix products in training (:class:`Conv2D` ``matmul_form="all"``) and GroupNorm uses its
+    written-out gradient; in inference the convolutions are Keras' own."""
     inputs = keras.Input((None, None, TRUNK_CHANNELS), name="roi_features")
-    return keras.Model(inputs, _stage(inputs, STAGES[3], norm, matmul_form), name="resnet50_res5")
+    outputs = _stage(inputs, STAGES[3], norm, "all" if speed_paths else "none", speed_paths)
+    return keras.Model(inputs, outputs, name="resnet50_res5")
 
 
 def norm_kind(model):

@@ -39,15 +39,16 @@ class RPNHead(layers.Layer):
     Returns ``rpn_logits (B, H*W*A)`` and ``rpn_deltas (B, H*W*A, 4)`` in the anchor order of :mod:`frcnn.anchors`.
     """
 
-    def __init__(self, num_anchors, channels=1024, matmul_form="kernel_grad", **kwargs):
+    def __init__(self, num_anchors, channels=1024, speed_paths=True, **kwargs):
         super().__init__(**kwargs)
         self.num_anchors = num_anchors
         self.channels = channels
         init = keras.initializers.RandomNormal(stddev=0.01)
-        # "kernel_grad": in training its kernel gradient is a matrix product (a speed path measured on a CPU with
-        # native bfloat16, train.speed_paths; docs/NOTES.md).
+        # speed_paths: in training its kernel gradient is a matrix product (measured on a CPU with native bfloat16,
+        # train.speed_paths; docs/NOTES.md).
+        self.speed_paths = bool(speed_paths)
         self.conv = Conv2D(channels, 3, padding="same", activation="relu", kernel_initializer=init,
-                           matmul_form=matmul_form, name="rpn_conv")
+                           matmul_form="kernel_grad" if speed_paths else "none", name="rpn_conv")
         self.objectness = layers.Conv2D(num_anchors, 1, kernel_initializer=init, name="rpn_cls")
         self.deltas = layers.Conv2D(num_anchors * 4, 1, kernel_initializer=init, name="rpn_box")
 
@@ -67,7 +68,7 @@ class RPNHead(layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "num_anchors": self.num_anchors, "channels": self.channels,
-                "matmul_form": self.conv.matmul_form}
+                "speed_paths": self.speed_paths}
 
 
 @keras.saving.register_keras_serializable(package="frcnn")
@@ -81,15 +82,15 @@ class ROIHead(layers.Layer):
     in training are the exception, which is why ``frozen`` is the default for fine-tuning).
     """
 
-    def __init__(self, num_classes, norm="frozen", pooling="avg", matmul_form="all", **kwargs):
+    def __init__(self, num_classes, norm="frozen", pooling="avg", speed_paths=True, **kwargs):
         super().__init__(**kwargs)
         if pooling not in ("avg", "none"):
             raise ValueError(f"pooling must be 'avg' or 'none', got {pooling!r}")
         self.num_classes = num_classes
         self.norm = norm
         self.pooling = pooling
-        self.matmul_form = matmul_form
-        self.res5 = TimeDistributed(build_res5(norm, matmul_form), name="res5")
+        self.speed_paths = bool(speed_paths)
+        self.res5 = TimeDistributed(build_res5(norm, self.speed_paths), name="res5")
         # avg: res5's map is averaged to 1x1 (Detectron2's C4 head; its checkpoints expect 2048 inputs). none: the
         # Dense layers see the whole ceil(P/2) x ceil(P/2) x 2048 map, where the object sits in the ROI included.
         self.pool = None
@@ -129,4 +130,4 @@ class ROIHead(layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "num_classes": self.num_classes, "norm": self.norm, "pooling": self.pooling,
-                "matmul_form": self.matmul_form}
+                "speed_paths": self.speed_paths}

@@ -25,7 +25,7 @@ from keras import ops
 from frcnn import replicas
 from frcnn.backbone import build_trunk, fold_frozen_batchnorm
 from frcnn.config import ConfigError
-from frcnn.precision import resolve_policy
+from frcnn.precision import resolve_policy, speed_paths_on
 from frcnn.roi_heads import ROIHeads
 from frcnn.rpn import RPN
 from frcnn.transform import ImageTransform, to_original
@@ -84,9 +84,8 @@ class FasterRCNN(keras.Model):
         return {metric.name: metric.result() for metric in self.metrics}
 
     @property
-    def metrics(self):
-        tracker = getattr(self, "_loss_tracker", None)
-        return ([tracker] if tracker is not None else []) + list(self.loss_trackers.values())
+    def metrics(self):  # Keras' total-loss tracker (once compiled), then the four losses
+        return [t for t in [getattr(self, "_loss_tracker", None)] if t is not None] + list(self.loss_trackers.values())
 
     def predict_on_batch(self, x):
         """Keras' ``predict_on_batch`` of the detections: ground truth in the batch is ignored (no losses)."""
@@ -108,13 +107,10 @@ class FasterRCNN(keras.Model):
         self.built = True
 
     def get_config(self):
-        return {
-            "name": self.name, "trunk": keras.saving.serialize_keras_object(self.trunk),
-            "rpn": keras.saving.serialize_keras_object(self.rpn),
-            "roi_heads": keras.saving.serialize_keras_object(self.roi_heads),
-            "transform": self.transform.get_config(), "class_names": list(self.class_names[1:]),
-            "rpn_loss_weight": self.rpn_loss_weight, "roi_loss_weight": self.roi_loss_weight,
-        }
+        parts = {key: keras.saving.serialize_keras_object(getattr(self, key)) for key in ("trunk", "rpn", "roi_heads")}
+        return {"name": self.name, **parts, "transform": self.transform.get_config(),
+                "class_names": list(self.class_names[1:]), "rpn_loss_weight": self.rpn_loss_weight,
+                "roi_loss_weight": self.roi_loss_weight}
 
     @classmethod
     def from_config(cls, config):
@@ -172,7 +168,8 @@ def build_model(cfg, load_weights=True):
     if replicas.in_tf_strategy():
         from frcnn.tf_distribute import DistributedFasterRCNN as cls  # noqa: N813
     model = cls(
-        trunk=build_trunk(cfg.model.norm, cfg.model.freeze_at), rpn=RPN.from_cfg(cfg),
+        trunk=build_trunk(cfg.model.norm, cfg.model.freeze_at, speed_paths_on(cfg.train.speed_paths)),
+        rpn=RPN.from_cfg(cfg),
         roi_heads=ROIHeads.from_cfg(cfg), transform=ImageTransform.from_input_config(cfg.input),
         class_names=cfg.data.classes, rpn_loss_weight=cfg.rpn.loss_weight, roi_loss_weight=cfg.roi_heads.loss_weight,
         name="faster_rcnn",

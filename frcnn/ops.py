@@ -169,8 +169,8 @@ def pointwise_conv(x, kernel, stride=1):
     """A 1x1 convolution (``padding`` valid or same: the same for 1x1) as what it is, a matrix product over the
     channels: ``(B, H, W, Cin)``, kernel ``(1, 1, Cin, Cout)`` -> ``(B, ceil(H / stride), ceil(W / stride), Cout)``.
     A stride keeps every ``stride``-th row and column first, which is what the strided convolution reads (as a
-    1x1 average pool: the same values, and several times faster than a strided slice, forwards and backwards, in
-    TensorFlow's bfloat16 on a CPU). Its gradients are matrix products too (``x^T dy`` for the kernel)."""
+    1x1 average pool: the same values, and faster than a strided slice, forwards and backwards, in TensorFlow's
+    bfloat16 on a CPU; docs/NOTES.md). Its gradients are matrix products too (``x^T dy`` for the kernel)."""
     if stride > 1:
         x = ops.average_pool(x, pool_size=1, strides=stride, padding="valid")
     return ops.einsum("bhwc,cd->bhwd", x, kernel[0, 0])

@@ -32,7 +32,7 @@ class ROIHeads(NoAutocastLayer):
 
     def __init__(self, num_classes, norm="frozen", pool_size=14, stride=16, sampling_ratio=2, num_rois=128,
                  positive_fraction=0.25, fg_iou=0.5, bg_iou_low=0.0, box_weights=(10.0, 10.0, 5.0, 5.0),
-                 smooth_l1_beta=1.0, detections=None, seed=None, head_pooling="avg", matmul_form="all", **kwargs):
+                 smooth_l1_beta=1.0, detections=None, seed=None, head_pooling="avg", speed_paths=True, **kwargs):
         super().__init__(**kwargs)
         self.num_classes = int(num_classes)
         self.norm = norm
@@ -43,7 +43,7 @@ class ROIHeads(NoAutocastLayer):
         self.smooth_l1_beta = float(smooth_l1_beta)
         self.seed = seed
         self.pooler = RoiPoolingConv(pool_size, stride, sampling_ratio, name="roi_pooling")
-        self.head = ROIHead(self.num_classes, norm, pooling=head_pooling, matmul_form=matmul_form, name="roi_head")
+        self.head = ROIHead(self.num_classes, norm, pooling=head_pooling, speed_paths=speed_paths, name="roi_head")
         self.decoder = DetectionLayer(self.num_classes, **dict(detections or {}), box_coder=self.box_coder,
                                       name="detections")
         self.seed_generator = keras.random.SeedGenerator(seed)
@@ -59,7 +59,7 @@ class ROIHeads(NoAutocastLayer):
             box_weights=r.box_weights, smooth_l1_beta=r.smooth_l1_beta,
             detections=dict(score_thresh=r.score_thresh, nms_thresh=r.nms_thresh, max_detections=r.max_detections),
             seed=cfg.train.seed + 1, head_pooling=r.head_pooling,
-            matmul_form="all" if speed_paths_on(cfg.train.speed_paths) else "none", name="roi_heads",
+            speed_paths=speed_paths_on(cfg.train.speed_paths), name="roi_heads",
         )
 
     def call(self, features, proposals, proposal_valid, image_sizes, gt=None, training=None):
@@ -87,5 +87,5 @@ class ROIHeads(NoAutocastLayer):
             "positive_fraction": self.positive_fraction, "fg_iou": self.fg_iou, "bg_iou_low": self.bg_iou_low,
             "box_weights": list(self.box_coder.weights), "smooth_l1_beta": self.smooth_l1_beta,
             "detections": {k: self.decoder.get_config()[k] for k in ("score_thresh", "nms_thresh", "max_detections")},
-            "seed": self.seed, "head_pooling": self.head.pooling, "matmul_form": self.head.matmul_form,
+            "seed": self.seed, "head_pooling": self.head.pooling, "speed_paths": self.head.speed_paths,
         }

@@ -27,7 +27,7 @@ class RPN(NoAutocastLayer):
 
     def __init__(self, anchor_sizes, anchor_ratios, anchor_offset=0.5, stride=16, channels=1024,
                  proposals=None, fg_iou=0.7, bg_iou=0.3, batch_size_per_image=256, positive_fraction=0.5,
-                 box_weights=(1.0, 1.0, 1.0, 1.0), smooth_l1_beta=1.0 / 9.0, seed=None, matmul_form="kernel_grad",
+                 box_weights=(1.0, 1.0, 1.0, 1.0), smooth_l1_beta=1.0 / 9.0, seed=None, speed_paths=True,
                  **kwargs):
         super().__init__(**kwargs)
         self.anchor_sizes = tuple(float(s) for s in anchor_sizes)
@@ -42,7 +42,7 @@ class RPN(NoAutocastLayer):
         self.smooth_l1_beta = float(smooth_l1_beta)
         self.seed = seed
         num_anchors = anchor_lib.num_anchors_per_location(self.anchor_sizes, self.anchor_ratios)
-        self.head = RPNHead(num_anchors, self.channels, matmul_form=matmul_form, name="rpn")
+        self.head = RPNHead(num_anchors, self.channels, speed_paths=speed_paths, name="rpn")
         self.proposals = ProposalLayer(**dict(proposals or {}), box_coder=self.box_coder, name="proposals")
         self.seed_generator = keras.random.SeedGenerator(seed)
 
@@ -59,8 +59,7 @@ class RPN(NoAutocastLayer):
             ),
             fg_iou=r.fg_iou, bg_iou=r.bg_iou, batch_size_per_image=r.batch_size_per_image,
             positive_fraction=r.positive_fraction, box_weights=r.box_weights, smooth_l1_beta=r.smooth_l1_beta,
-            seed=cfg.train.seed, matmul_form="kernel_grad" if speed_paths_on(cfg.train.speed_paths) else "none",
-            name="rpn_part",
+            seed=cfg.train.seed, speed_paths=speed_paths_on(cfg.train.speed_paths), name="rpn_part",
         )
 
     def anchors(self, feature_height, feature_width):
@@ -94,5 +93,5 @@ class RPN(NoAutocastLayer):
                           if k not in ("name", "trainable", "dtype", "autocast", "box_coder")},
             "fg_iou": self.fg_iou, "bg_iou": self.bg_iou, "batch_size_per_image": self.batch_size_per_image,
             "positive_fraction": self.positive_fraction, "box_weights": list(self.box_coder.weights),
-            "smooth_l1_beta": self.smooth_l1_beta, "seed": self.seed, "matmul_form": self.head.conv.matmul_form,
+            "smooth_l1_beta": self.smooth_l1_beta, "seed": self.seed, "speed_paths": self.head.speed_paths,
         }

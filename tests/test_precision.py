@@ -163,11 +163,13 @@ def test_speed_paths_are_on_only_where_measured(monkeypatch):
         c = cfg.with_values(train__speed_paths=setting)
         model = frcnn.build_model(c, load_weights=False)
         res5 = model.roi_heads.head.res5.layer.get_layer("conv5_block1_1_conv").matmul_form
+        norms = {layer.written_gradient for part in (model.trunk, model.roi_heads.head.res5.layer)
+                 for layer in part.layers if isinstance(layer, backbone.GroupNormalization)}
         fused = getattr(optim.make_optimizer(c, 10), "fused_kernels", None)
-        return model.rpn.head.conv.matmul_form, res5, fused
+        return model.rpn.head.conv.matmul_form, res5, norms, fused
 
-    assert paths("on") == ("kernel_grad", "all", True)
-    assert paths("off") == ("none", "none", False)
+    assert paths("on") == ("kernel_grad", "all", {True}, True)
+    assert paths("off") == ("none", "none", {False}, False)
     assert not precision.accelerator_present()  # this test machine computes on its CPU
     assert paths("auto") == paths("on")
     monkeypatch.setattr(precision, "_accelerator_cached", lambda: True)  # as on a GPU
