@@ -19,6 +19,7 @@ from frcnn import training
 from frcnn.config import save_config
 from frcnn.fileio import remove_stale_temporaries
 from frcnn.model import build_model
+from frcnn.tensorboard_logs import SummaryWriter, scalar_callback
 from frcnn.visualize import draw_confident, save_image
 
 log = logging.getLogger(__name__)
@@ -64,22 +65,21 @@ class EvaluationCallback(keras.callbacks.Callback):
         """The first ``num_images`` validation images with this evaluation's detections drawn, to TensorBoard
         (``<logs>/images``, one tag per image, stepped by epoch like Keras' own epoch summaries)."""
         if self._image_writer is None:
-            self._image_writer = tf.summary.create_file_writer(self.image_log_dir)
+            self._image_writer = SummaryWriter(self.image_log_dir)  # no TensorFlow needed
         by_id = {d["image_id"]: d for d in detections}
         written = 0
-        with self._image_writer.as_default():
-            for record in self.records:
-                if written == self.num_images:
-                    break
-                if record.image_id not in by_id:
-                    continue
-                try:
-                    image = data_lib.load_image(record.file_name)
-                except data_lib.DataError:
-                    continue
-                drawn = draw_confident(image, by_id[record.image_id], self.model.class_names)
-                tf.summary.image(f"validation/{os.path.basename(record.file_name)}", drawn[None], step=epoch)
-                written += 1
+        for record in self.records:
+            if written == self.num_images:
+                break
+            if record.image_id not in by_id:
+                continue
+            try:
+                image = data_lib.load_image(record.file_name)
+            except data_lib.DataError:
+                continue
+            drawn = draw_confident(image, by_id[record.image_id], self.model.class_names)
+            self._image_writer.add_image(f"validation/{os.path.basename(record.file_name)}", drawn, step=epoch)
+            written += 1
         self._image_writer.flush()
 
 
@@ -195,7 +195,7 @@ def _train(cfg, workdir, strategy, chief, verbose):
     )
     callbacks.append(manager)
     if chief:
-        callbacks.append(keras.callbacks.TensorBoard(os.path.join(workdir, "logs"), write_graph=False))
+        callbacks.append(scalar_callback(os.path.join(workdir, "logs")))  # Keras' own on TensorFlow
 
     histories = training.fit_resumable(
         model, dataset, cfg.train.epochs, steps, callbacks, manager, stop_on_nan,
