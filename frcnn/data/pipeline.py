@@ -119,7 +119,7 @@ def build_dataset(cfg, records, training, batch_size=None, seed=None, pipeline="
 def check_decodable(records, report, num_workers=None, pipeline="auto"):
     """Optional deep check: decode every image as the pipeline will (``pipeline`` as in :func:`build_dataset`) and
     move those that fail to ``report.skipped``, naming the file and the decoder's reason. Returns a new
-    :class:`RecordList` with ``image_id`` renumbered. Costs a full decode of every image (minutes for COCO), so it
+    :class:`RecordList` with ``image_id`` renumbered. Costs a full decode of every image (long for COCO), so it
     is not done by default: the pipelines skip such images anyway, naming each once in the log.
     """
     import concurrent.futures
