@@ -596,11 +596,13 @@ def test_pipeline_skips_images_failing_at_decode_time(tmp_path, caplog, pipeline
     with caplog.at_level(logging.WARNING, logger="frcnn.data"):
         ids = [i for b in take(data.build_dataset(cfg, records, False, 1, pipeline=pipeline)) for i in b["image_ids"]]
         assert ids == [0, 2]
+        pairs = [b["image_ids"].tolist() for b in take(data.build_dataset(cfg, records, False, 2, pipeline=pipeline))]
+        assert pairs == [[0, 2]]  # regrouped: only the last batch may be smaller
         train = data.build_dataset(cfg, records, training=True, batch_size=2, pipeline=pipeline)
         assert sorted({i for b in take(train, 4) for i in b["image_ids"]}) == [0, 2]
     for name in ("b.jpg", "d.jpg"):  # named once per dataset, with the reason
         named = [r.getMessage() for r in caplog.records if name in r.getMessage()]
-        assert len(named) == 2 and all("image does not decode (" in m for m in named), named
+        assert len(named) == 3 and all("image does not decode (" in m for m in named), named
 
     checked_report = data.Report()
     checked = data.check_decodable(records, checked_report, pipeline=pipeline)

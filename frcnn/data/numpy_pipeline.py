@@ -11,7 +11,8 @@ every backend, its ordered enqueuer keeps batches in order, and its workers are 
 while it decodes and resizes, so threads decode in parallel without pickling records into processes or starting
 any. It needs nothing beyond Keras (grain would be another install and is not on every machine; torch's
 ``DataLoader`` serves one backend; ``tf.data`` needs TensorFlow). Iterating a :class:`NumpyDataset` directly
-(``for batch in dataset``, as the evaluation does outside ``fit``) decodes ahead in a thread pool, image by image.
+(``for batch in dataset``, as the evaluation does outside ``fit``) builds batches ahead in a thread pool the same
+way.
 
 Reproducibility: batch ``i`` of a training dataset holds the images at positions ``i * B .. i * B + B - 1`` of an
 endless stream made of one permutation of the records per pass (a pass's permutation and every image's flip and
@@ -137,25 +138,34 @@ class NumpyDataset(keras.utils.PyDataset):
         return self._collate([item for item in map(self._load_record, chunk) if item is not None])
 
     def __iter__(self):
-        """The batches in order, images decoded ahead by the worker threads. Evaluation: the images that fail are
-        left out and the others regrouped (only the last batch is smaller); training: endless."""
+        """The batches in order, built ahead by the worker threads (one batch per task, as in ``fit``). Evaluation:
+        the images that fail are left out and the others regrouped, so that only the last batch is smaller;
+        training: endless."""
         workers = self.workers
-        window = 2 * self.batch_size + 2 * workers
+        window = 2 * workers
         if self.training:
             import itertools
 
-            items = _ordered_map(self._position, itertools.count(), workers, window)
-        else:
-            items = (item for item in _ordered_map(self._load_record, range(len(self.records)), workers, window)
-                     if item is not None)
-        batch = []
-        for item in items:
-            batch.append(item)
-            if len(batch) == self.batch_size:
-                yield self._collate(batch)
-                batch = []
-        if batch:
-            yield self._collate(batch)
+            yield from _ordered_map(self.__getitem__, itertools.count(), workers, window)
+            return
+        leftover = []
+        for items, batch in _ordered_map(self._evaluation_chunk, range(self.num_batches), workers, window):
+            if batch is not None and not leftover:
+                yield batch
+                continue
+            leftover.extend(items)  # a chunk with a failed image: regroup from here on
+            while len(leftover) >= self.batch_size:
+                yield self._collate(leftover[: self.batch_size])
+                leftover = leftover[self.batch_size:]
+        if leftover:
+            yield self._collate(leftover)
+
+    def _evaluation_chunk(self, index):
+        """``(items, batch)``: the images of evaluation batch ``index`` that load, and their batch when none
+        failed (collated in the worker thread), else None."""
+        chunk = range(index * self.batch_size, min(len(self.records), (index + 1) * self.batch_size))
+        items = [item for item in map(self._load_record, chunk) if item is not None]
+        return items, (self._collate(items) if len(items) == len(chunk) else None)
 
     # --------------------------------------------------------------------------------------------- one image
 
