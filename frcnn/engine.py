@@ -175,9 +175,10 @@ def _train(cfg, workdir, strategy, chief, verbose):
     # (identically seeded) dataset and keeps its own part of each global batch (DATA sharding; there is no file
     # list to shard by).
     dataset = data_lib.build_dataset(cfg, train_records, training=True, batch_size=cfg.train.batch_size)
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    dataset = dataset.with_options(options)
+    if isinstance(dataset, tf.data.Dataset):  # JAX and PyTorch get the NumPy pipeline (a keras.utils.PyDataset)
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        dataset = dataset.with_options(options)
     category_ids = getattr(val_records, "category_ids", None)
     stop_on_nan = training.StopOnNonFinite()
     callbacks = [stop_on_nan]
