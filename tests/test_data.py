@@ -293,6 +293,19 @@ def test_header_parser_formats(tmp_path):
     rotated.write_bytes(exif_jpeg_bytes(image, 6))
     info = data.inspect_image(str(rotated))
     assert (info.width, info.height, info.orientation) == (37, 53, 6)
+    from PIL import Image
+
+    for fmt in ("GIF", "WEBP"):
+        path = str(tmp_path / ("x." + fmt.lower()))
+        Image.fromarray(image).save(path, fmt)
+        info = data.inspect_image(path)
+        assert (info.width, info.height, info.format) == (53, 37, fmt.lower()), fmt
+        assert data.load_image(path).shape == (37, 53, 3)
+    tiff = str(tmp_path / "x.tiff")  # not a format of the pipelines: inference still reads it (OpenCV)
+    write_image(tiff, image)
+    with pytest.raises(imageio.UnknownFormat):
+        data.inspect_image(tiff)
+    np.testing.assert_array_equal(data.load_image(tiff), image)
 
 
 # -------------------------------------------------------------------------------------------------------- COCO

@@ -46,6 +46,10 @@ class ImageProblem(Exception):
     """An image file that cannot be used; ``str(err)`` is the problem, without the path."""
 
 
+class UnknownFormat(ImageProblem):
+    """A file that is none of the formats the pipelines read (JPEG, PNG, GIF, BMP, WebP)."""
+
+
 @dataclass(frozen=True)
 class ImageInfo:
     width: int  # as displayed: after the EXIF orientation
@@ -106,7 +110,7 @@ def inspect_image(path):
             magic = f.read(12)
             kind = _sniff(magic)
             if kind is None:
-                raise ImageProblem(f"not a JPEG, PNG, GIF, BMP or WebP image (file starts with {magic[:8]!r})")
+                raise UnknownFormat(f"not a JPEG, PNG, GIF, BMP or WebP image (file starts with {magic[:8]!r})")
             f.seek(0)
             try:
                 with Image.open(f, formats=["JPEG", "MPO"] if kind == "JPEG" else [kind]) as image:
@@ -291,9 +295,9 @@ def load_image(path):
         raise DataError(f"image file {path} does not exist")
     try:
         info = inspect_image(path)
+    except UnknownFormat:
+        return _load_other_format(path)
     except ImageProblem as err:
-        if str(err).startswith("not a JPEG"):
-            return _load_other_format(path)
         raise DataError(f"cannot read image {path}: {err}") from None
     try:
         image = read_image(path, info.orientation, info.valid_rows)

@@ -29,6 +29,7 @@ Must not import TensorFlow.
 
 import collections
 import concurrent.futures
+import itertools
 import logging
 import math
 import threading
@@ -144,8 +145,6 @@ class NumpyDataset(keras.utils.PyDataset):
         workers = self.workers
         window = 2 * workers
         if self.training:
-            import itertools
-
             yield from _ordered_map(self.__getitem__, itertools.count(), workers, window)
             return
         leftover = []
