@@ -290,10 +290,11 @@ _NO_TF_SCRIPT = textwrap.dedent('''
     import numpy as np
     root, cut_path, logs = sys.argv[1:4]
     import frcnn.data as data, frcnn.transform as transform
+    keras_imported = "keras" in sys.modules  # frcnn.data and frcnn.transform import neither Keras nor TensorFlow
     import frcnn.tensorboard_logs as tb
     from frcnn.config import config_from_dict
     import keras
-    out = {"backend": keras.backend.backend()}
+    out = {"backend": keras.backend.backend(), "keras_imported": keras_imported}
     cfg = config_from_dict({"data": {"format": "voc", "root": root, "train_split": "train", "val_split": None,
                                      "classes": ["dog"]},
                             "input": {"min_size": [64, 96], "max_size": 160, "max_gt": 4}})
@@ -347,6 +348,7 @@ def test_data_side_without_tensorflow(tmp_path):
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     out = json.loads(lines[-1][len("RESULT "):])
     assert out["backend"] == "jax" and out["pipeline"] == "NumpyDataset" and out["records"] == 5
+    assert not out["keras_imported"]
     assert out["eval_ids"] == [[0, 1], [2, 3], [4]] and out["checked"] == 5
     assert out["train_shapes"]["images"][0] == 2 and out["train_shapes"]["gt_boxes"] == [2, 4, 4]
     assert 256 - 256 * 0.65 < out["truncated_rows"] < 256 * 0.5  # the rows that did not arrive are gray
