@@ -92,7 +92,7 @@ def synthetic_batches(cfg, sizes, seed=0):
 
     rng = np.random.default_rng(seed)
     images = [rng.integers(0, 256, (sizes.min_size, sizes.max_size, 3), dtype=np.uint8) for _ in range(sizes.batch)]
-    batch = transform.prepare_batch(images, cfg.input)
+    batch = transform.ImageTransform.from_input_config(cfg.input).prepare_batch(images)
     max_gt, num_gt = cfg.input.max_gt, min(3, cfg.input.max_gt)
     boxes = random_boxes(rng, batch["image_sizes"], max_gt, 0.15, 0.6)
     valid = np.arange(max_gt)[None, :] < num_gt

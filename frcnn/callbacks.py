@@ -14,6 +14,7 @@ import numpy as np
 from frcnn import data as data_lib
 from frcnn.checkpoints import nonfinite_variables
 from frcnn.evaluation import evaluate_records
+from frcnn.tensorboard_logs import SummaryWriter
 from frcnn.visualize import draw_confident
 
 
@@ -115,23 +116,20 @@ class EvaluationCallback(keras.callbacks.Callback):
     def _write_images(self, detections, epoch):
         """The first ``num_images`` validation images with this evaluation's detections drawn, to TensorBoard
         (``<logs>/images``, one tag per image, stepped by epoch like Keras' own epoch summaries)."""
-        import tensorflow as tf  # replaced by the TensorFlow-free writer of the data branch
-
         if self._image_writer is None:
-            self._image_writer = tf.summary.create_file_writer(self.image_log_dir)
+            self._image_writer = SummaryWriter(self.image_log_dir)  # no TensorFlow needed
         by_id = {d["image_id"]: d for d in detections}
         written = 0
-        with self._image_writer.as_default():
-            for record in self.records:
-                if written == self.num_images:
-                    break
-                if record.image_id not in by_id:
-                    continue
-                try:
-                    image = data_lib.load_image(record.file_name)
-                except data_lib.DataError:
-                    continue
-                drawn = draw_confident(image, by_id[record.image_id], self.model.class_names)
-                tf.summary.image(f"validation/{os.path.basename(record.file_name)}", drawn[None], step=epoch)
-                written += 1
+        for record in self.records:
+            if written == self.num_images:
+                break
+            if record.image_id not in by_id:
+                continue
+            try:
+                image = data_lib.load_image(record.file_name)
+            except data_lib.DataError:
+                continue
+            drawn = draw_confident(image, by_id[record.image_id], self.model.class_names)
+            self._image_writer.add_image(f"validation/{os.path.basename(record.file_name)}", drawn, step=epoch)
+            written += 1
         self._image_writer.flush()

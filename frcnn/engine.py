@@ -25,6 +25,7 @@ from frcnn.evaluation import evaluate_records
 from frcnn.fileio import remove_stale_temporaries
 from frcnn.inference import detect
 from frcnn.model import build_model
+from frcnn.tensorboard_logs import scalar_callback
 from frcnn.visualize import draw_confident, save_image
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ def _train(cfg, workdir, distribution, verbose):
     )
     callbacks.append(manager)
     if chief:
-        callbacks.append(keras.callbacks.TensorBoard(os.path.join(workdir, "logs"), write_graph=False))
+        callbacks.append(scalar_callback(os.path.join(workdir, "logs")))  # Keras' own on TensorFlow
 
     histories = fit_resumable(
         model, dataset, cfg.train.epochs, steps, callbacks, manager, stop_on_nan,

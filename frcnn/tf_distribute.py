@@ -117,6 +117,8 @@ class TFDistribution:
     def distribute_dataset(self, dataset):
         # Under multi-worker training every worker builds the same (identically seeded) dataset and keeps its own
         # part of each global batch (DATA sharding; there is no file list to shard by).
+        if not isinstance(dataset, tf.data.Dataset):  # the NumPy pipeline (a keras.utils.PyDataset): as it is
+            return dataset
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
         return dataset.with_options(options)

@@ -16,7 +16,7 @@ resolved config in ``assets.extra/config.yaml``.
 Preprocessing is the model's ``transform`` (:meth:`frcnn.transform.ImageTransform.prepare_batch`) in graph ops, so an exported model gives the
 detections of ``model.detect`` (float tolerance): decode with ``channels=3`` (grayscale replicated, alpha dropped),
 one scale ``min(min_size / shorter side, max_size / longer side)`` computed in float64 as Python does, resized
-side ``floor(side * scale + 0.5)`` kept within ``[1, max_size]`` (``frcnn.transform.resize_params_tf``), bilinear
+side ``floor(side * scale + 0.5)`` kept within ``[1, max_size]`` (``frcnn.transform.resize_params`` on tensors, via ``frcnn.data.tf_pipeline.resize_params_tf``), bilinear
 ``tf.image.resize`` on float32 pixels, zero padding bottom / right to a multiple of ``input.size_divisibility`` (or
 to the fixed size with ``input.fixed_size``); boxes are divided by the scale. Not applied: the EXIF orientation
 of JPEG files (TensorFlow's decoder ignores it; ``frcnn.data.load_image`` applies it), so send upright pixels.
@@ -30,7 +30,7 @@ import tempfile
 import tensorflow as tf
 
 from frcnn.config import save_config
-from frcnn.transform import resize_image, resize_params_tf
+from frcnn.data.tf_pipeline import resize_image, resize_params_tf
 
 SERVING_SIGNATURE = "serving_default"
 IMAGE_SIGNATURE = "detect_image"

@@ -1,5 +1,7 @@
-"""frcnn.data: readers (VOC, COCO, shapes), bad-data handling, the tf.data pipeline, single-image loading."""
+"""frcnn.data: readers (VOC, COCO, shapes), bad-data handling, the two input pipelines (tf.data and NumPy), single-image
+loading."""
 
+import itertools
 import json
 import logging
 import os
@@ -12,7 +14,7 @@ import tensorflow as tf
 
 from frcnn import data
 from frcnn.config import config_from_dict
-from frcnn.data import DataError, pipeline, shapes
+from frcnn.data import DataError, imageio, numpy_pipeline, shapes, tf_pipeline
 
 # ------------------------------------------------------------------------------------------------------- helpers
 
@@ -77,8 +79,20 @@ def make_voc(root, entries, split="train"):
     return str(root)
 
 
+PIPELINES = ("tf", "numpy")
+
+
+def as_numpy(batch):
+    return {k: np.asarray(v) for k, v in batch.items()}
+
+
+def take(ds, n=None):
+    """The first ``n`` batches (all with None) of either pipeline's dataset, as dicts of NumPy arrays."""
+    return [as_numpy(b) for b in itertools.islice(iter(ds), n)]
+
+
 def first_batch(ds):
-    return {k: v.numpy() for k, v in next(iter(ds)).items()}
+    return take(ds, 1)[0]
 
 
 def exif_jpeg_bytes(image_rgb, orientation):
@@ -279,6 +293,19 @@ def test_header_parser_formats(tmp_path):
     rotated.write_bytes(exif_jpeg_bytes(image, 6))
     info = data.inspect_image(str(rotated))
     assert (info.width, info.height, info.orientation) == (37, 53, 6)
+    from PIL import Image
+
+    for fmt in ("GIF", "WEBP"):
+        path = str(tmp_path / ("x." + fmt.lower()))
+        Image.fromarray(image).save(path, fmt)
+        info = data.inspect_image(path)
+        assert (info.width, info.height, info.format) == (53, 37, fmt.lower()), fmt
+        assert data.load_image(path).shape == (37, 53, 3)
+    tiff = str(tmp_path / "x.tiff")  # not a format of the pipelines: inference still reads it (OpenCV)
+    write_image(tiff, image)
+    with pytest.raises(imageio.UnknownFormat):
+        data.inspect_image(tiff)
+    np.testing.assert_array_equal(data.load_image(tiff), image)
 
 
 # -------------------------------------------------------------------------------------------------------- COCO
@@ -444,9 +471,10 @@ def test_shapes_default_content(default_shapes):
 # ---------------------------------------------------------------------------------------------------- pipeline
 
 
-def test_pipeline_batch_contract(default_shapes):
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_pipeline_batch_contract(default_shapes, pipeline):
     cfg, train, names, _ = default_shapes
-    ds = data.build_dataset(cfg, train, training=True, batch_size=4)
+    ds = data.build_dataset(cfg, train, training=True, batch_size=4, pipeline=pipeline)
     batch = first_batch(ds)
     g = cfg.input.max_gt
     expect = {"images": ((4, 256, 256, 3), np.float32), "image_sizes": ((4, 2), np.int32), "scales": ((4,), np.float32),
@@ -464,7 +492,8 @@ def test_pipeline_batch_contract(default_shapes):
         assert np.all(batch["gt_classes"][i, :k] >= 1)
     # Training order: shuffled, the same for the same seed, every image once per epoch (96 = 24 batches of 4).
     def epochs(n):
-        return [i for b in data.build_dataset(cfg, train, True, 4).take(24 * n) for i in b["image_ids"].numpy()]
+        return [i for b in take(data.build_dataset(cfg, train, True, 4, pipeline=pipeline), 24 * n)
+                for i in b["image_ids"]]
 
     two = epochs(2)
     assert sorted(two[:96]) == sorted(two[96:]) == list(range(96))
@@ -472,7 +501,8 @@ def test_pipeline_batch_contract(default_shapes):
     assert epochs(1) == two[:96]
 
 
-def test_pipeline_resize_pad_and_eval_order(tmp_path):
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_pipeline_resize_pad_and_eval_order(tmp_path, pipeline):
     root = make_voc(tmp_path / "voc", [
         ("a", noise_image(100, 200), [{"name": "dog", "box": (11, 21, 50, 60)}], "real"),  # scale 1.5
         ("b", noise_image(100, 400, 1), [{"name": "dog", "box": (1, 1, 400, 100)}], "real"),  # capped: 1.25
@@ -480,8 +510,8 @@ def test_pipeline_resize_pad_and_eval_order(tmp_path):
     ])
     cfg = make_cfg(root, input_extra={"min_size": 150, "max_size": 500, "size_divisibility": 32})
     records, _, _ = data.load_records(cfg, "train")
-    ds = data.build_dataset(cfg, records, training=False, batch_size=2)
-    batches = [{k: v.numpy() for k, v in b.items()} for b in ds]
+    ds = data.build_dataset(cfg, records, training=False, batch_size=2, pipeline=pipeline)
+    batches = take(ds)
     assert [b["image_ids"].tolist() for b in batches] == [[0, 1], [2]]  # record order, last batch smaller
     b0 = batches[0]
     np.testing.assert_array_equal(b0["scales"], np.float32([1.5, 1.25]))
@@ -493,17 +523,19 @@ def test_pipeline_resize_pad_and_eval_order(tmp_path):
     np.testing.assert_allclose(b0["gt_boxes"][0, 0] / b0["scales"][0], records[0].boxes[0], atol=1e-5)
     assert batches[1]["images"].shape == (1, 160, 160, 3)
     assert not batches[1]["gt_valid"].any()
-    again = [b["image_ids"].numpy().tolist() for b in data.build_dataset(cfg, records, training=False, batch_size=2)]
+    again = [b["image_ids"].tolist() for b in take(data.build_dataset(cfg, records, False, 2, pipeline=pipeline))]
     assert again == [[0, 1], [2]]
 
     fixed = make_cfg(root, input_extra={"min_size": 150, "max_size": 500, "fixed_size": True})
-    b = first_batch(data.build_dataset(fixed, records, training=True, batch_size=3))
+    b = first_batch(data.build_dataset(fixed, records, training=True, batch_size=3, pipeline=pipeline))
     assert b["images"].shape == (3, 512, 512, 3)
-    spec = data.build_dataset(fixed, records, training=True, batch_size=3).element_spec
-    assert spec["images"].shape.as_list() == [3, 512, 512, 3]  # static shapes for XLA
+    if pipeline == "tf":
+        spec = data.build_dataset(fixed, records, training=True, batch_size=3, pipeline="tf").element_spec
+        assert spec["images"].shape.as_list() == [3, 512, 512, 3]  # static shapes for XLA
 
 
-def test_pipeline_flip_moves_boxes_with_content(tmp_path):
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_pipeline_flip_moves_boxes_with_content(tmp_path, pipeline):
     image = np.zeros((64, 96, 3), np.uint8)
     image[10:30, 5:25] = 255  # one bright box, pixels x 5..24, y 10..29
     root = str(tmp_path / "voc")
@@ -517,12 +549,12 @@ def test_pipeline_flip_moves_boxes_with_content(tmp_path):
     cfg = make_cfg(root, input_extra={"min_size": 128, "max_size": 256, "flip": True})
     records, _, report = data.load_records(cfg, "train")
     assert not report and records[0].file_name.endswith("a.png")
-    ds = data.build_dataset(cfg, records, training=True, batch_size=1)
+    ds = data.build_dataset(cfg, records, training=True, batch_size=1, pipeline=pipeline)
     seen = set()
-    for batch in ds.take(12):
-        img = batch["images"].numpy()[0]
-        box = batch["gt_boxes"].numpy()[0, 0]
-        h, w = batch["image_sizes"].numpy()[0]
+    for batch in take(ds, 12):
+        img = batch["images"][0]
+        box = batch["gt_boxes"][0, 0]
+        h, w = batch["image_sizes"][0]
         assert (h, w) == (128, 192)
         bright = img[:h, :w, 0] > 127
         ys, xs = np.nonzero(bright)
@@ -532,32 +564,34 @@ def test_pipeline_flip_moves_boxes_with_content(tmp_path):
     assert seen == {True, False}  # both flipped and unflipped draws
     # Reproducible: the same seed gives the same flips (per-image stateless seeds, even with a parallel map).
     def flips():
-        return [b["gt_boxes"].numpy()[0, 0, 0] for b in data.build_dataset(cfg, records, True, 1).take(12)]
+        return [b["gt_boxes"][0, 0, 0] for b in take(data.build_dataset(cfg, records, True, 1, pipeline=pipeline), 12)]
 
     assert flips() == flips()
     expected_flipped = np.float32([192 - 50, 20, 192 - 10, 60])
-    flips = [b["gt_boxes"].numpy()[0, 0] for b in ds.take(12)]
+    flips = [b["gt_boxes"][0, 0] for b in take(ds, 12)]
     assert any(np.array_equal(f, expected_flipped) for f in flips)
 
 
-def test_pipeline_difficult_and_max_gt(tmp_path, caplog):
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_pipeline_difficult_and_max_gt(tmp_path, caplog, pipeline):
     objects = [{"name": "dog", "box": (1 + i, 1, 10 + i, 10)} for i in range(6)]
     objects[1]["difficult"] = 1
     root = make_voc(tmp_path / "voc", [("a", noise_image(40, 40), objects, "real")])
     cfg = make_cfg(root, input_extra={"max_gt": 4, "flip": False})
     records, _, _ = data.load_records(cfg, "train")
     with caplog.at_level(logging.WARNING, logger="frcnn.data"):
-        b = first_batch(data.build_dataset(cfg, records, training=True, batch_size=1))
+        b = first_batch(data.build_dataset(cfg, records, training=True, batch_size=1, pipeline=pipeline))
     assert b["gt_valid"][0].tolist() == [True] * 4
     scale = b["scales"][0]
     np.testing.assert_allclose(b["gt_boxes"][0, :, 0] / scale, [0, 2, 3, 4], atol=1e-5)  # difficult #1 left out
     assert sum("input.max_gt=4" in r.getMessage() for r in caplog.records) == 1
     cfg = make_cfg(root, data_extra={"use_difficult": True}, input_extra={"max_gt": 8, "flip": False})
-    b = first_batch(data.build_dataset(cfg, records, training=True, batch_size=1))
+    b = first_batch(data.build_dataset(cfg, records, training=True, batch_size=1, pipeline=pipeline))
     assert b["gt_valid"][0].sum() == 6
 
 
-def test_pipeline_skips_images_failing_at_decode_time(tmp_path):
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_pipeline_skips_images_failing_at_decode_time(tmp_path, caplog, pipeline):
     root = make_voc(tmp_path / "voc", [
         ("a", noise_image(40, 40), [], "real"),
         ("b", noise_image(40, 40, 1), [], "real"),
@@ -572,31 +606,38 @@ def test_pipeline_skips_images_failing_at_decode_time(tmp_path):
     records, _, report = data.load_records(cfg, "train")
     assert len(records) == 4 and not report
     os.remove(os.path.join(root, "JPEGImages", "d.jpg"))  # deleted after indexing
-    ids = [i for b in data.build_dataset(cfg, records, training=False, batch_size=1) for i in b["image_ids"].numpy()]
-    assert ids == [0, 2]
-    train = data.build_dataset(cfg, records, training=True, batch_size=2)
-    assert sorted({i for b in train.take(4) for i in b["image_ids"].numpy()}) == [0, 2]
+    with caplog.at_level(logging.WARNING, logger="frcnn.data"):
+        ids = [i for b in take(data.build_dataset(cfg, records, False, 1, pipeline=pipeline)) for i in b["image_ids"]]
+        assert ids == [0, 2]
+        pairs = [b["image_ids"].tolist() for b in take(data.build_dataset(cfg, records, False, 2, pipeline=pipeline))]
+        assert pairs == [[0, 2]]  # regrouped: only the last batch may be smaller
+        train = data.build_dataset(cfg, records, training=True, batch_size=2, pipeline=pipeline)
+        assert sorted({i for b in take(train, 4) for i in b["image_ids"]}) == [0, 2]
+    for name in ("b.jpg", "d.jpg"):  # named once per dataset, with the reason
+        named = [r.getMessage() for r in caplog.records if name in r.getMessage()]
+        assert len(named) == 3 and all("image does not decode (" in m for m in named), named
 
     checked_report = data.Report()
-    checked = data.check_decodable(records, checked_report)
+    checked = data.check_decodable(records, checked_report, pipeline=pipeline)
     assert [r.source_id for r in checked] == ["a", "c"] and [r.image_id for r in checked] == [0, 1]
     assert {os.path.basename(p) for p in checked_report.skipped_files} == {"b.jpg", "d.jpg"}
 
     strict = make_cfg(root, data_extra={"classes": ["dog"], "strict": True})
-    with pytest.raises(tf.errors.OpError):
-        list(data.build_dataset(strict, records, training=False, batch_size=1))
+    with pytest.raises(tf.errors.OpError if pipeline == "tf" else DataError):
+        take(data.build_dataset(strict, records, training=False, batch_size=1, pipeline=pipeline))
 
 
-def test_pipeline_no_objects_and_empty_records(tmp_path):
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_pipeline_no_objects_and_empty_records(tmp_path, pipeline):
     root = make_voc(tmp_path / "voc", [("a", noise_image(40, 40), [], "real")])
     with pytest.raises(DataError, match="no object names"):
         data.load_records(make_cfg(root), "train")
     cfg = make_cfg(root, data_extra={"classes": ["dog"]})
     records, _, _ = data.load_records(cfg, "train")
-    b = first_batch(data.build_dataset(cfg, records, training=True, batch_size=2))
+    b = first_batch(data.build_dataset(cfg, records, training=True, batch_size=2, pipeline=pipeline))
     assert not b["gt_valid"].any() and b["gt_boxes"].shape == (2, 8, 4)
     with pytest.raises(DataError, match="no images"):
-        data.build_dataset(cfg, [], training=True)
+        data.build_dataset(cfg, [], training=True, pipeline=pipeline)
 
 
 # ------------------------------------------------------------------------------------------- images and EXIF
@@ -613,7 +654,7 @@ def test_grayscale_rgba_and_exif(tmp_path):
     np.testing.assert_array_equal(gray[..., 0], gray[..., 2])
     np.testing.assert_array_equal(data.load_image(rgba_path), rgb)
     for path in (gray_path, rgba_path):
-        decoded = pipeline.decode_image(tf.io.read_file(path)).numpy()
+        decoded = tf_pipeline.decode_image(tf.io.read_file(path)).numpy()
         np.testing.assert_array_equal(decoded, data.load_image(path))
 
     # EXIF orientation 6 (rotate 90 clockwise): load_image and the pipeline agree, sizes are the rotated ones.
@@ -626,7 +667,7 @@ def test_grayscale_rgba_and_exif(tmp_path):
     assert loaded[:20, -10:, 0].mean() > 200  # top-left red block now at the top right
     for orientation in range(1, 9):
         path.write_bytes(exif_jpeg_bytes(image, orientation))
-        ours = pipeline.apply_orientation(pipeline.decode_image(tf.io.read_file(str(path))), orientation).numpy()
+        ours = tf_pipeline.apply_orientation(tf_pipeline.decode_image(tf.io.read_file(str(path))), orientation).numpy()
         assert np.abs(ours.astype(int) - data.load_image(str(path))).max() < 40, orientation
 
     with pytest.raises(DataError, match="nope.jpg"):
@@ -654,7 +695,7 @@ def test_raccoon(raccoon_root):
         record = by_name[name]
         image = data.load_image(record.file_name)
         assert image.shape == (record.height, record.width, 3)
-        decoded = pipeline.decode_image(tf.io.read_file(record.file_name))
+        decoded = tf_pipeline.decode_image(tf.io.read_file(record.file_name))
         assert decoded.shape == (record.height, record.width, 3)
     batch = first_batch(data.build_dataset(cfg, val, training=False, batch_size=8))
     assert batch["images"].shape[0] == 8 and batch["images"].shape[-1] == 3

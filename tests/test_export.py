@@ -39,7 +39,9 @@ def _assert_same(batch, expected):
     np.testing.assert_array_equal(np.asarray(batch["image_sizes"]), expected["image_sizes"])
     np.testing.assert_array_equal(np.asarray(batch["scales"]), expected["scales"])
     assert tuple(batch["images"].shape) == expected["images"].shape
-    np.testing.assert_allclose(np.asarray(batch["images"]), expected["images"], rtol=0, atol=1e-4)
+    # tf.image.resize (the SavedModel) and cv2.INTER_LINEAR (prepare_batch) sample at the same positions, TensorFlow
+    # computing them in float32: up to about 0.01 of 255 apart where the scale is not exact in binary.
+    np.testing.assert_allclose(np.asarray(batch["images"]), expected["images"], rtol=0, atol=0.02)
 
 
 @pytest.mark.parametrize(

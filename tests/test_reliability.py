@@ -460,10 +460,12 @@ def test_jpeg_cut_at_60_percent_is_used_with_a_warning_naming_the_fraction(tmp_p
     np.testing.assert_allclose(image[: arrived - 16], full[: arrived - 16], atol=1)  # resize 256 -> 256: identity
     assert np.all(image[arrived + 1:] == TRUNCATED_FILL)
 
-    # Inference reads it the same way (OpenCV alone returns nothing), naming the file and the fraction.
+    # Inference reads it the same way (OpenCV alone returns nothing), naming the file and the fraction. It decodes
+    # with libjpeg's accurate IDCT (Pillow), TensorFlow with its fast one: the same rows, a few levels apart.
     with caplog.at_level(logging.WARNING, logger="frcnn.data"):
         loaded = data.load_image(path)
-    assert loaded.shape == full.shape and np.array_equal(loaded[:arrived], image[:arrived].astype(np.uint8))
+    assert loaded.shape == full.shape and np.abs(loaded[:arrived].astype(int) - image[:arrived]).max() <= 8
+    assert np.all(loaded[arrived:] == TRUNCATED_FILL)
     assert any("cut.jpg" in r.getMessage() and "% of its rows arrived" in r.getMessage() for r in caplog.records)
 
 

@@ -1,17 +1,19 @@
-"""Datasets (Pascal VOC, COCO, the synthetic ``shapes``) and the ``tf.data`` input pipeline.
+"""Datasets (Pascal VOC, COCO, the synthetic ``shapes``) and the input pipelines (``tf.data`` or NumPy).
 
 Typical use::
 
     cfg = resolve_classes(cfg)                       # fills data.classes from the data when not given
     records, class_names, report = load_records(cfg, cfg.data.train_split)
     print(summary(records, class_names, report))
-    dataset = build_dataset(cfg, records, training=True)
+    dataset = build_dataset(cfg, records, training=True)   # tf.data on TensorFlow, NumPy (PyDataset) otherwise
 
 Records (:class:`frcnn.data.records.Record`) keep boxes in ORIGINAL image pixels with class ids ``1..C-1``
 (0 is the background, ``frcnn.targets.BACKGROUND``); batches follow ``docs/CONTRACTS.md``. Bad data is skipped with
 a reason in the report (or raises :class:`DataError` with ``data.strict``).
 
-This package imports only ``frcnn.boxes`` and ``frcnn.config`` from the project.
+This package imports only ``frcnn.config`` and ``frcnn.transform`` from the project. ``import frcnn.data`` imports
+neither TensorFlow nor Keras: :mod:`frcnn.data.tf_pipeline` (TensorFlow) and :mod:`frcnn.data.numpy_pipeline`
+(Keras' ``PyDataset``) are imported when a dataset is built.
 """
 
 import dataclasses

@@ -19,9 +19,9 @@ import numpy as np
 
 from frcnn.config import data_roots
 from frcnn.data.imageio import TRUNCATED_ACTION, ImageProblem, inspect_image, reconcile_size, truncated_problem
-from frcnn.data.records import (DataError, IssueCollector, RecordList, Report, check_boxes, make_record,
-                                optional_int)
-from frcnn.data.voc import _workers, check_root
+from frcnn.data.records import (DataError, IssueCollector, RecordList, Report, check_boxes, io_workers,
+                                make_record, optional_int)
+from frcnn.data.voc import check_root
 
 
 def coco_paths(root, split):
@@ -162,7 +162,7 @@ def load_coco(cfg, split, class_names=None, report=None):
 
     ordered = sorted(images)
     paths = [os.path.join(image_dir, str(images[i]["file_name"])) for i in ordered]
-    with concurrent.futures.ThreadPoolExecutor(_workers()) as pool:
+    with concurrent.futures.ThreadPoolExecutor(io_workers()) as pool:
         infos = list(pool.map(_inspect, paths))
 
     records = RecordList(class_names=class_names, format="coco", split=split, category_ids=category_ids,

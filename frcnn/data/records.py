@@ -11,6 +11,7 @@ done). In strict mode (``data.strict``) the first problem raises :class:`DataErr
 
 import collections
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -20,6 +21,17 @@ logger = logging.getLogger("frcnn.data")
 
 # Log at most this many messages of one kind; the rest are counted in the report and in summary().
 _LOG_LIMIT_PER_KIND = 10
+
+
+def io_workers():
+    """Threads for reading many small files (annotations, image headers): I/O-bound, so more than the cores."""
+    return min(32, 4 * (os.cpu_count() or 1))
+
+
+def decode_workers(requested=-1):
+    """Threads for decoding images (CPU-bound; OpenCV and Pillow release the GIL while they decode): ``requested``
+    when positive (``data.num_parallel_calls``), else one per core, at most 16."""
+    return int(requested) if requested and requested > 0 else min(16, os.cpu_count() or 1)
 
 
 class DataError(ValueError):

@@ -58,7 +58,7 @@ def _object_size(object_size, image_size):
 
 
 def _background(rng, size):
-    # Separable terms (outer products) instead of full-size trigonometry: generation stays well under 10 ms/image.
+    # Separable terms (outer products) instead of full-size trigonometry: far cheaper per image.
     t = np.arange(size, dtype=np.float32) / size - 0.5
     grey = rng.uniform(70, 190)
     tint = rng.uniform(-25, 25, size=3).astype(np.float32)

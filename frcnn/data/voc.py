@@ -21,14 +21,10 @@ import numpy as np
 from frcnn.config import data_roots
 from frcnn.data.imageio import TRUNCATED_ACTION, ImageProblem, inspect_image, reconcile_size, truncated_problem
 from frcnn.data.records import (DataError, IssueCollector, RecordList, Report, check_boxes, class_index,
-                                logger, make_record)
+                                io_workers, logger, make_record)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG", ".bmp", ".gif", ".webp")
 _COORDS = ("xmin", "ymin", "xmax", "ymax")
-
-
-def _workers():
-    return min(32, 4 * (os.cpu_count() or 1))
 
 
 def check_root(root, key="data.root"):
@@ -236,7 +232,7 @@ def _index(roots, split, report, inspect=True):
     items = []
     for root in roots:
         ids = read_split_ids(root, split)
-        with concurrent.futures.ThreadPoolExecutor(_workers()) as pool:
+        with concurrent.futures.ThreadPoolExecutor(io_workers()) as pool:
             for item, issues in pool.map(lambda i: _index_image(root, i, inspect), ids):
                 report.add(issues)  # in list order: strict mode raises for the first bad file
                 if item is not None:
