@@ -8,7 +8,9 @@ source. Made in a scratch environment outside the repository, on the 2-core deve
     # Detectron2's source at commit 02b5c4e295e990042a714712c21dc79b731e8833 in /work/d2src (git archive of it).
     # Not built: the R50-C4 training path is pure Python plus torchvision's nms and roi_align, so the C++
     # extension of Detectron2 is not needed (nothing on this path imports detectron2._C).
-    PYTHONPATH=/work/d2src /work/d2env/bin/python tests/detectron2_parity/make_reference.py
+    PYTHONPATH=/work/d2src /work/d2env/bin/python tests/detectron2_parity/make_reference.py [gradients.npz]
+
+(with a path, the whole gradients are also saved there, to look into a mismatch; they are not committed).
 
 (torch 2.14.1's Linux wheel is the CUDA build; it runs on the CPU. The CPU-only torch 2.13.0 wheel did not work
 with torchvision's operators here: torchvision's PyPI wheels link PyTorch's CUDA libraries.)
@@ -232,6 +234,8 @@ def main():
     params = dict(model.named_parameters())
     gradients = {name: recipe.summarize_gradient(name, params[name].grad.double().numpy())
                  for name in recipe.GRADIENT_VARIABLES}
+    if len(sys.argv) > 1:  # a path: also save the whole gradients there (.npz, for looking into a mismatch)
+        np.savez(sys.argv[1], **{name: params[name].grad.numpy() for name in recipe.GRADIENT_VARIABLES})
 
     logits = captured["class_logits"]
     classes = captured["roi_classes"]

@@ -19,7 +19,11 @@ What it builds:
   bottlenecks with the stride in the first 1x1 convolution) and each norm's ``running_mean`` / ``running_var`` are
   the per-channel mean and variance of the convolution output it normalises; its ``weight`` / ``bias`` (gamma,
   beta) are drawn around 1 and 0, smaller for the last norm of each residual branch. res5 is calibrated on the res4
-  map of the whole image (the ROIs are crops of it). The heads are scaled from the same run: RPN objectness logits
+  map of the whole image (the ROIs are crops of it). ReLU inputs within round-off of 0 would make the two
+  frameworks' gradients differ by far more than round-off (the ReLU passes the gradient in one and not in the
+  other), so every ReLU input of the trunk and of the RPN conv is moved at least :data:`RELU_MARGIN` away from 0
+  through its norm's (or conv's) bias (:func:`_clear_of_zero`), and res5, whose inputs (ROI crops) only the
+  detectors compute, has its ReLU inputs centred near :data:`RES5_BETA` instead of 0. The heads are scaled from the same run: RPN objectness logits
   spread over several units with a distinct bias per anchor shape, small RPN deltas (proposals near their anchors),
   class logits with a standard deviation of about :data:`CLASS_LOGIT_STD` (peaked scores: several ROIs are
   confidently wrong, which is what the classification loss must not cap) and box deltas of order 1.
@@ -66,6 +70,8 @@ SETTINGS = {
 }
 
 CLASS_LOGIT_STD = 24.0
+RELU_MARGIN = 1e-4  # every ReLU input of the trunk and the RPN is at least this far from 0 (see _clear_of_zero)
+RES5_BETA = 4.0  # added to the norm biases of res5 before its ReLUs (see _build)
 OBJECTNESS_LOGIT_STD = 3.0
 RPN_DELTA_STD = 0.1
 BOX_DELTA_STD = 0.5
@@ -172,6 +178,28 @@ def _max_pool(x):
     return win.max(axis=(-2, -1))
 
 
+def _clear_of_zero(pre, margin=RELU_MARGIN):
+    """Per-channel shifts ``(C,)`` that move every value of ``pre (..., C)`` at least ``margin`` away from 0.
+
+    A ReLU whose input sits within round-off of 0 passes its gradient in one framework and not in the other; the
+    frameworks sum in different orders, so such a value would make the gradients differ by far more than
+    round-off. Each shift is the one of least size that clears its channel (most are 0)."""
+    pre = np.asarray(pre, np.float64).reshape(-1, np.shape(pre)[-1])
+    shift = np.zeros(pre.shape[1])
+    for c in np.nonzero((np.abs(pre) < margin).any(axis=0))[0]:
+        at_zero = np.sort(-pre[:, c])  # the shifts that would put each value exactly at 0
+        near = at_zero[np.abs(at_zero) < 1e4 * margin]
+        candidates = np.concatenate([near - 1.01 * margin, near + 1.01 * margin])
+        for s in candidates[np.argsort(np.abs(candidates), kind="stable")]:
+            i = np.searchsorted(at_zero, s)
+            if all(abs(at_zero[j] - s) >= margin for j in (i - 1, i) if 0 <= j < len(at_zero)):
+                shift[c] = s
+                break
+        else:
+            raise RuntimeError("could not move the ReLU inputs clear of zero")
+    return shift
+
+
 class _Builder:
     """Draws the weights in a fixed order and calibrates each frozen norm on the actual activations."""
 
@@ -179,7 +207,7 @@ class _Builder:
         self.rng = rng
         self.sd = {}
 
-    def conv_norm(self, module, x, cout, k, stride=1, pad=0, relu=True, last=False):
+    def conv_norm(self, module, x, cout, k, stride=1, pad=0, relu=True, last=False, positive=False):
         cin = x.shape[-1]
         weight = (self.rng.standard_normal((cout, cin, k, k)) / np.sqrt(cin * k * k)).astype(np.float32)
         y = _conv(x, weight, stride, pad).astype(np.float64)
@@ -193,32 +221,43 @@ class _Builder:
         else:
             gamma = self.rng.uniform(0.7, 1.3, cout)
             beta = self.rng.normal(0.1, 0.2, cout)
-        mean32, var32 = mean.astype(np.float32), var.astype(np.float32)
-        gamma32, beta32 = gamma.astype(np.float32), beta.astype(np.float32)
+        if positive:  # res5 (see _build): ReLU inputs far above 0
+            beta = beta + RES5_BETA
+        mean32, var32, gamma32 = mean.astype(np.float32), var.astype(np.float32), gamma.astype(np.float32)
+        # What the frozen norm computes from the float32 values.
+        scale = gamma32.astype(np.float64) / np.sqrt(var32.astype(np.float64) + D2_NORM_EPSILON)
+        y = (y - mean32) * scale
+        if relu and not positive:
+            beta = beta + _clear_of_zero(y + beta)
+        beta32 = beta.astype(np.float32)
         self.sd[module + ".weight"] = weight
         self.sd[module + ".norm.weight"] = gamma32
         self.sd[module + ".norm.bias"] = beta32
         self.sd[module + ".norm.running_mean"] = mean32
         self.sd[module + ".norm.running_var"] = var32
-        # Continue with exactly what the frozen norm computes from the float32 values.
-        scale = gamma32.astype(np.float64) / np.sqrt(var32.astype(np.float64) + D2_NORM_EPSILON)
-        y = (y - mean32) * scale + beta32
+        y = y + beta32
         return np.maximum(y, 0.0) if relu else y
 
-    def bottleneck(self, prefix, x, width, out, stride, first):
+    def bottleneck(self, prefix, x, width, out, stride, first, positive):
         if first:
-            shortcut = self.conv_norm(prefix + ".shortcut", x, out, 1, stride, relu=False)
+            shortcut = self.conv_norm(prefix + ".shortcut", x, out, 1, stride, relu=False, positive=positive)
         else:
             shortcut = x
-        y = self.conv_norm(prefix + ".conv1", x, width, 1, stride)
-        y = self.conv_norm(prefix + ".conv2", y, width, 3, 1, 1)
+        y = self.conv_norm(prefix + ".conv1", x, width, 1, stride, positive=positive)
+        y = self.conv_norm(prefix + ".conv2", y, width, 3, 1, 1, positive=positive)
         y = self.conv_norm(prefix + ".conv3", y, out, 1, relu=False, last=True)
-        return np.maximum(y + shortcut, 0.0)
+        pre = y + shortcut
+        if not positive:  # the block's ReLU: move its input clear of 0 through conv3's norm bias
+            name = prefix + ".conv3.norm.bias"
+            old = self.sd[name].astype(np.float64)
+            self.sd[name] = (old + _clear_of_zero(pre)).astype(np.float32)
+            pre = pre + (self.sd[name].astype(np.float64) - old)
+        return np.maximum(pre, 0.0)
 
     def stage(self, stage, x, width, blocks, stride):
         prefix = "roi_heads.res5" if stage == 5 else f"backbone.res{stage}"
         for i in range(blocks):
-            x = self.bottleneck(f"{prefix}.{i}", x, width, 4 * width, stride if i == 0 else 1, i == 0)
+            x = self.bottleneck(f"{prefix}.{i}", x, width, 4 * width, stride if i == 0 else 1, i == 0, stage == 5)
         return x
 
     def dense(self, x, out, std):
@@ -237,6 +276,10 @@ def _build():
         x = b.stage(stage, x, width, blocks, stride)
         if stage == 4:
             res4 = x
+    # res5 runs on ROI crops of the res4 map that only the detectors compute (RoIAlign of the proposals), so its
+    # ReLU inputs cannot be moved clear of 0 one by one as the trunk's are: instead its norms before a ReLU get
+    # RES5_BETA added to their bias, which puts those inputs near N(4, 1), where a value within round-off of 0 is
+    # about 3000 times rarer than around N(0, 1). It is calibrated on the res4 map of the whole image.
     pooled = x.reshape(-1, x.shape[-1])  # res5 outputs at the positions of the res4 map (one per 2x2 cells)
 
     sd = b.sd
@@ -244,8 +287,10 @@ def _build():
     a = len(ANCHOR_SIZES) * len(ANCHOR_RATIOS)
     c = res4.shape[-1]
     conv = (rng.standard_normal((c, c, 3, 3)) * np.sqrt(2.0 / (9 * c))).astype(np.float32)
-    conv_bias = rng.normal(0.0, 0.1, c).astype(np.float32)
-    hidden = np.maximum(_conv(res4, conv, 1, 1).astype(np.float64) + conv_bias, 0.0).reshape(-1, c)  # (H*W, C)
+    pre = _conv(res4, conv, 1, 1).astype(np.float64).reshape(-1, c)  # (H*W, C)
+    conv_bias = rng.normal(0.0, 0.1, c)
+    conv_bias = (conv_bias + _clear_of_zero(pre + conv_bias)).astype(np.float32)
+    hidden = np.maximum(pre + conv_bias, 0.0)
     sd["proposal_generator.rpn_head.conv.weight"] = conv
     sd["proposal_generator.rpn_head.conv.bias"] = conv_bias
     # Objectness: fitted (least squares, minimum norm; exact, since there are fewer locations than channels) to
