@@ -78,7 +78,8 @@ class RPN(keras.layers.Layer):
             batch_size_per_image=self.batch_size_per_image, positive_fraction=self.positive_fraction,
             box_weights=self.box_weights, seed=self.seed_generator,
         )
-        losses = rpn_losses(rpn_logits, rpn_deltas, labels, box_targets, beta=self.smooth_l1_beta)
+        losses = rpn_losses(rpn_logits, rpn_deltas, labels, box_targets, beta=self.smooth_l1_beta,
+                            batch_size_per_image=self.batch_size_per_image)
         return proposals, proposal_valid, losses
 
     def get_config(self):
