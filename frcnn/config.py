@@ -121,7 +121,10 @@ class TrainConfig:
     scale_lr: bool = True
     optimizer: str = "sgd"  # sgd | adam
     momentum: float = 0.9
-    weight_decay: float = 1e-4
+    weight_decay: float = 1e-4  # of the kernels
+    weight_decay_bias: Optional[float] = 0.0  # of the biases; None: weight_decay (Detectron2's WEIGHT_DECAY_BIAS)
+    weight_decay_norm: float = 0.0  # of the normalisation gammas and betas
+    weight_decay_mode: str = "decoupled"  # decoupled (Keras) | coupled (L2 in the gradient: torch's SGD, Detectron2)
     warmup_steps: int = 500
     warmup_factor: float = 0.001
     lr_schedule: str = "step"  # step (x lr_gamma at lr_decay_epochs) | cosine (to 0 at the last step)
@@ -358,6 +361,7 @@ _CHOICES = {
     "train.mixed_precision": ("off", "mixed_float16", "mixed_bfloat16", "auto"),
     "input.channel_order": ("bgr", "rgb"),
     "train.lr_schedule": ("step", "cosine"),
+    "train.weight_decay_mode": ("decoupled", "coupled"),
 }
 
 
@@ -456,6 +460,8 @@ def validate(cfg, source="<config>"):
         fail("train.warmup_steps/warmup_factor", "need warmup_steps >= 0 and warmup_factor in (0, 1]")
     if t.weight_decay < 0 or t.momentum < 0:
         fail("train.weight_decay/momentum", "must not be negative")
+    if (t.weight_decay_bias is not None and t.weight_decay_bias < 0) or t.weight_decay_norm < 0:
+        fail("train.weight_decay_bias/weight_decay_norm", "must not be negative")
     if t.val_every < 0:
         fail("train.val_every", "must be >= 0")
     if t.checkpoint_every < 0:
