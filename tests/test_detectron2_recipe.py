@@ -249,6 +249,8 @@ NOT_EQUAL = {
     "DATALOADER.ASPECT_RATIO_GROUPING": "Detectron2 batches landscape with landscape and portrait with portrait "
                                         "images; frcnn's pipeline batches in data order (more padding, same images)",
     "INPUT.MAX_SIZE_TEST": "frcnn has one input.max_size for training and test (equal in these recipes)",
+    "DATALOADER.FILTER_EMPTY_ANNOTATIONS": "Detectron2 drops training images without a usable box (about 1% of "
+                                           "COCO train2017); frcnn trains on them as all-background images",
 }
 
 
@@ -310,4 +312,5 @@ def test_the_parser_reads_detectron2s_defaults():
     assert lookup(detectron2_config("PascalVOC-Detection/faster_rcnn_R_50_C4.yaml"), "SOLVER.WARMUP_ITERS") == 100
     # The values NOT_EQUAL explains.
     assert lookup(d, "MODEL.RPN.BOUNDARY_THRESH") == -1 and lookup(d, "DATALOADER.ASPECT_RATIO_GROUPING") is True
+    assert lookup(d, "DATALOADER.FILTER_EMPTY_ANNOTATIONS") is True
     assert lookup(base, "INPUT.MAX_SIZE_TEST") == lookup(base, "INPUT.MAX_SIZE_TRAIN")
