@@ -160,9 +160,9 @@ def stage_tasks(model, batch, jit_compile):
         ("proposals", proposals, ("features", "rpn_logits", "rpn_deltas", "image_sizes"),
          ("proposals", "proposal_valid")),
         ("roi_align", lambda f, p: heads.pooler([f, p]), ("features", "proposals"), ("pooled",)),
-        ("roi_head", lambda x: heads.head(x, training=False), ("pooled",), ("class_probs", "box_deltas")),
-        ("detections", lambda *t: heads.decoder(list(t)),
-         ("class_probs", "box_deltas", "proposals", "proposal_valid", "image_sizes"), ("detections",)),
+        ("roi_head", lambda x: heads.head(x, training=False), ("pooled",), ("class_logits", "box_deltas")),
+        ("detections", lambda logits, *t: heads.decoder([ops.softmax(ops.cast(logits, "float32"), axis=-1), *t]),
+         ("class_logits", "box_deltas", "proposals", "proposal_valid", "image_sizes"), ("detections",)),
     )
     values = {"images": ops.convert_to_tensor(batch["images"]),
               "image_sizes": ops.convert_to_tensor(batch["image_sizes"].astype(np.int32))}

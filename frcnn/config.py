@@ -258,7 +258,10 @@ class TrainConfig(_Section):
     scale_lr: bool = True
     optimizer: str = "sgd"  # sgd | adam
     momentum: float = 0.9
-    weight_decay: float = 1e-4
+    weight_decay: float = 1e-4  # of the kernels
+    weight_decay_bias: Optional[float] = 0.0  # of the biases; None: weight_decay (Detectron2's WEIGHT_DECAY_BIAS)
+    weight_decay_norm: float = 0.0  # of the normalisation gammas and betas
+    weight_decay_mode: str = "decoupled"  # decoupled (Keras) | coupled (L2 in the gradient: torch's SGD, Detectron2)
     warmup_steps: int = 500
     warmup_factor: float = 0.001
     lr_schedule: str = "step"  # step (x lr_gamma at lr_decay_epochs) | cosine (to 0 at the last step)
@@ -280,6 +283,7 @@ class TrainConfig(_Section):
         "strategy": ("default", "mirrored", "multi_worker"),
         "mixed_precision": ("off", "mixed_float16", "mixed_bfloat16", "auto"),
         "speed_paths": ("auto", "on", "off"),
+        "weight_decay_mode": ("decoupled", "coupled"),
     }
     _POSITIVE = ("epochs", "batch_size", "lr", "reference_batch_size")
 
@@ -292,6 +296,8 @@ class TrainConfig(_Section):
             fail("warmup_steps/warmup_factor", "need warmup_steps >= 0 and warmup_factor in (0, 1]")
         if self.weight_decay < 0 or self.momentum < 0:
             fail("weight_decay/momentum", "must not be negative")
+        if (self.weight_decay_bias is not None and self.weight_decay_bias < 0) or self.weight_decay_norm < 0:
+            fail("weight_decay_bias/weight_decay_norm", "must not be negative")
         for name in ("val_every", "checkpoint_every"):
             if getattr(self, name) < 0:
                 fail(name, "must be >= 0")

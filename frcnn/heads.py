@@ -76,8 +76,9 @@ class ROIHead(layers.Layer):
     """Per-ROI head: ``TimeDistributed`` res5 -> average pool to 1x1 (``pooling="avg"``, or none) ->
     ``TimeDistributed(Flatten)`` -> Dense heads.
 
-    Input ``(B, N, P, P, 1024)`` pooled ROI features; outputs ``class_probs (B, N, C)`` (softmax) and
-    ``box_deltas (B, N, 4 * (C - 1))`` (class-specific, classes 1..C-1). One set of weights serves every ROI and
+    Input ``(B, N, P, P, 1024)`` pooled ROI features; outputs ``class_logits (B, N, C)`` (no softmax: the loss
+    takes the log-softmax of the logits, detections the softmax, both in float32) and ``box_deltas (B, N, 4 * (C -
+    1))`` (class-specific, classes 1..C-1). One set of weights serves every ROI and
     each ROI is processed on its own (see :class:`TimeDistributed`; with ``norm='batch'`` res5's statistics
     in training are the exception, which is why ``frozen`` is the default for fine-tuning).
     """
@@ -97,9 +98,10 @@ class ROIHead(layers.Layer):
         if pooling == "avg":
             self.pool = TimeDistributed(layers.GlobalAveragePooling2D(keepdims=True), name="avg_pool")
         self.flatten = TimeDistributed(layers.Flatten(), name="flatten")
-        # Softmax and the box deltas are float32 under mixed precision: they feed the losses and box decoding.
+        # Class logits and box deltas are float32 under mixed precision: they feed the losses and box decoding. The
+        # wrapper keeps its old name "class_probs" (from when the layer ended in a softmax).
         self.cls = TimeDistributed(
-            layers.Dense(num_classes, activation="softmax", dtype="float32",
+            layers.Dense(num_classes, dtype="float32",
                          kernel_initializer=keras.initializers.RandomNormal(stddev=0.01), name="cls_score"),
             name="class_probs",
         )

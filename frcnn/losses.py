@@ -4,16 +4,16 @@ Shape shorthand: ``B`` images, ``A`` anchors, ``S`` sampled ROIs per image, ``C`
 (``frcnn.targets.BACKGROUND = 0``). Labels and targets come from :mod:`frcnn.targets`.
 
 All computations are float32 whatever the dtype of the predictions (mixed precision heads may emit float16).
-Every loss is a total over the whole batch divided by a count over the whole batch (not a mean of per-image
-means), and every count is guarded with ``max(count, 1)`` so an empty set gives 0, never NaN.
+Every loss is a total over the whole batch divided by a number for the whole batch (not a mean of per-image
+means), as Detectron2 computes them (``rpn.py`` ``RPN.losses``, ``fast_rcnn.py`` ``FastRCNNOutputLayers.losses``;
+tests/test_detectron2_parity.py checks the four against Detectron2's own numbers): the RPN's by
+``batch_size_per_image x B``, the ROI head's by the number of sampled ROIs. Every count is guarded with
+``max(count, 1)`` so an empty set gives 0, never NaN.
 """
 
 from keras import ops
 
 from frcnn.targets import BACKGROUND, POSITIVE
-
-# Probabilities are clipped to [PROB_EPSILON, 1] before the log of the classification loss.
-PROB_EPSILON = 1e-7
 
 
 def smooth_l1(x, beta):
@@ -38,7 +38,7 @@ def sigmoid_cross_entropy(labels, logits):
     return ops.maximum(logits, 0.0) - logits * labels + ops.log1p(ops.exp(-ops.abs(logits)))
 
 
-def rpn_losses(rpn_logits, rpn_deltas, labels, box_targets, beta=1.0 / 9.0):
+def rpn_losses(rpn_logits, rpn_deltas, labels, box_targets, beta=1.0 / 9.0, batch_size_per_image=None):
     """RPN objectness and box losses.
 
     Args:
@@ -47,14 +47,16 @@ def rpn_losses(rpn_logits, rpn_deltas, labels, box_targets, beta=1.0 / 9.0):
       labels: ``(B, A)`` sampled labels from :func:`frcnn.targets.rpn_targets` (1 fg, 0 bg, -1 ignore).
       box_targets: ``(B, A, 4)``.
       beta: smooth-L1 beta (0 -> L1).
+      batch_size_per_image: the sampler's anchors per image. Both losses are divided by
+        ``batch_size_per_image * B``, as Detectron2 does, also when an image has fewer candidates than that (a small
+        image, few negatives): the loss of each sampled anchor weighs the same whatever the rest of the batch
+        sampled. ``None``: divide by the number of anchors actually sampled (``labels >= 0``) instead.
 
     Returns:
-      ``{"rpn_cls", "rpn_box"}``. Both are normalised by the number of sampled anchors of the whole batch
-      (``labels >= 0``), the Detectron2 normalisation (which divides by ``batch_size_per_image * B``: the same
-      number when every image fills its sample):
+      ``{"rpn_cls", "rpn_box"}``:
 
-      - ``rpn_cls``: sigmoid binary cross-entropy summed over sampled anchors / #sampled (a mean);
-      - ``rpn_box``: smooth-L1 summed over the 4 coordinates of positive anchors / #sampled.
+      - ``rpn_cls``: sigmoid binary cross-entropy summed over sampled anchors / the normaliser;
+      - ``rpn_box``: smooth-L1 summed over the 4 coordinates of positive anchors / the same normaliser.
     """
     logits = ops.cast(rpn_logits, "float32")
     deltas = ops.cast(rpn_deltas, "float32")
@@ -62,7 +64,10 @@ def rpn_losses(rpn_logits, rpn_deltas, labels, box_targets, beta=1.0 / 9.0):
     labels = ops.cast(labels, "int32")
     sampled = labels >= 0
     positive = ops.equal(labels, POSITIVE)
-    num_sampled = _count(sampled)
+    if batch_size_per_image is None:
+        num_sampled = _count(sampled)
+    else:
+        num_sampled = ops.cast(ops.shape(labels)[0] * int(batch_size_per_image), "float32")
 
     ce = sigmoid_cross_entropy(ops.cast(positive, "float32"), logits)
     rpn_cls = ops.sum(ops.where(sampled, ce, 0.0)) / num_sampled
@@ -72,11 +77,11 @@ def rpn_losses(rpn_logits, rpn_deltas, labels, box_targets, beta=1.0 / 9.0):
     return {"rpn_cls": rpn_cls, "rpn_box": rpn_box}
 
 
-def roi_losses(class_probs, box_deltas, roi_classes, roi_box_targets, roi_valid, beta=1.0):
+def roi_losses(class_logits, box_deltas, roi_classes, roi_box_targets, roi_valid, beta=1.0):
     """ROI-head classification and class-specific box losses.
 
     Args:
-      class_probs: ``(B, S, C)`` softmax probabilities (the class head ends in a softmax).
+      class_logits: ``(B, S, C)`` class logits (the class head has no softmax).
       box_deltas: ``(B, S, 4 * (C - 1))``: class ``c`` in ``1..C-1`` uses columns ``4 * (c - 1) : 4 * c``
         (background has no box).
       roi_classes: ``(B, S)`` int, ``BACKGROUND`` for background ROIs.
@@ -86,16 +91,18 @@ def roi_losses(class_probs, box_deltas, roi_classes, roi_box_targets, roi_valid,
     Returns:
       ``{"roi_cls", "roi_box"}``, both normalised by the number of valid ROIs of the whole batch:
 
-      - ``roi_cls``: ``-log(clip(p[true class], PROB_EPSILON, 1))`` summed over valid ROIs / #valid (a mean);
+      - ``roi_cls``: softmax cross-entropy from the logits, ``-log_softmax(logits)[true class]``, summed over valid
+        ROIs / #valid (a mean). Nothing is clipped: a confidently wrong ROI costs its full loss and gets its full
+        gradient (``softmax - one_hot``), as in Detectron2 (``F.cross_entropy``);
       - ``roi_box``: smooth-L1 of the true class's deltas, summed over the 4 coordinates of foreground ROIs /
         #valid ROIs (Detectron2's normalisation: background ROIs count in the denominator).
     """
-    probs = ops.cast(class_probs, "float32")
+    logits = ops.cast(class_logits, "float32")
     deltas = ops.cast(box_deltas, "float32")
     targets = ops.cast(roi_box_targets, "float32")
     classes = ops.cast(roi_classes, "int32")
     valid = ops.cast(roi_valid, "bool")
-    num_classes = probs.shape[-1]
+    num_classes = logits.shape[-1]
     if num_classes is not None and deltas.shape[-1] is not None and deltas.shape[-1] != 4 * (num_classes - 1):
         raise ValueError(
             f"box_deltas has {deltas.shape[-1]} columns; expected 4 * (C - 1) = {4 * (num_classes - 1)} for "
@@ -103,8 +110,8 @@ def roi_losses(class_probs, box_deltas, roi_classes, roi_box_targets, roi_valid,
         )
     num_valid = _count(valid)
 
-    true_prob = ops.take_along_axis(probs, classes[:, :, None], axis=2)[:, :, 0]  # (B, S)
-    ce = -ops.log(ops.clip(true_prob, PROB_EPSILON, 1.0))
+    log_probs = ops.log_softmax(logits, axis=-1)  # (B, S, C), stable for any logits
+    ce = -ops.take_along_axis(log_probs, classes[:, :, None], axis=2)[:, :, 0]  # (B, S)
     roi_cls = ops.sum(ops.where(valid, ce, 0.0)) / num_valid
 
     foreground = ops.logical_and(valid, ops.not_equal(classes, BACKGROUND))

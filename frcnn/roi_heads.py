@@ -65,7 +65,8 @@ class ROIHeads(NoAutocastLayer):
     def call(self, features, proposals, proposal_valid, image_sizes, gt=None, training=None):
         if gt is None:
             pooled = self.pooler([features, proposals])  # (B, R, P, P, 1024)
-            class_probs, box_deltas = self.head(pooled, training=training)
+            class_logits, box_deltas = self.head(pooled, training=training)
+            class_probs = keras.ops.softmax(keras.ops.cast(class_logits, "float32"), axis=-1)
             return self.decoder([class_probs, box_deltas, proposals, proposal_valid, image_sizes])
         rois, roi_classes, roi_box_targets, roi_valid = sample_rois(
             proposals, proposal_valid, gt["gt_boxes"], gt["gt_classes"], gt["gt_valid"], self.num_rois,
@@ -73,8 +74,8 @@ class ROIHeads(NoAutocastLayer):
             box_coder=self.box_coder, seed=self.seed_generator,
         )
         pooled = self.pooler([features, rois])  # (B, S, P, P, 1024)
-        class_probs, box_deltas = self.head(pooled, training=training)
-        return roi_losses(class_probs, box_deltas, roi_classes, roi_box_targets, roi_valid, beta=self.smooth_l1_beta)
+        class_logits, box_deltas = self.head(pooled, training=training)
+        return roi_losses(class_logits, box_deltas, roi_classes, roi_box_targets, roi_valid, beta=self.smooth_l1_beta)
 
     def get_build_config(self):
         return None  # built by the detector's first forward pass (FasterRCNN.build_for_inference), not alone

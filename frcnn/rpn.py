@@ -79,7 +79,8 @@ class RPN(NoAutocastLayer):
             batch_size_per_image=self.batch_size_per_image, positive_fraction=self.positive_fraction,
             box_coder=self.box_coder, seed=self.seed_generator,
         )
-        losses = rpn_losses(rpn_logits, rpn_deltas, labels, box_targets, beta=self.smooth_l1_beta)
+        losses = rpn_losses(rpn_logits, rpn_deltas, labels, box_targets, beta=self.smooth_l1_beta,
+                            batch_size_per_image=self.batch_size_per_image)
         return proposals, proposal_valid, losses
 
     def get_build_config(self):

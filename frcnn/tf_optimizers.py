@@ -10,6 +10,7 @@ Owns: TensorFlow's optimizer kernels. Imports TensorFlow; imported only on the T
 import keras
 import tensorflow as tf
 
+from frcnn.optim import WeightDecayGroups
 from frcnn.tf_distribute import ReplicaConsistentApply
 
 
@@ -34,8 +35,7 @@ class _Fused:
         return {**super().get_config(), "fused_kernels": self.fused_kernels}
 
 
-@keras.saving.register_keras_serializable(package="frcnn")
-class SGD(_Fused, ReplicaConsistentApply, keras.optimizers.SGD):
+class _FusedSGD(_Fused, keras.optimizers.SGD):
     """Keras' SGD. With momentum and ``fused_kernels``, each variable's update is one kernel (the same formula:
     ``m = momentum * m - lr * g``, ``w += m``, or Nesterov's)."""
 
@@ -49,8 +49,7 @@ class SGD(_Fused, ReplicaConsistentApply, keras.optimizers.SGD):
             momentum=tf.constant(self.momentum, dtype), use_nesterov=self.nesterov)
 
 
-@keras.saving.register_keras_serializable(package="frcnn")
-class Adam(_Fused, ReplicaConsistentApply, keras.optimizers.Adam):
+class _FusedAdam(_Fused, keras.optimizers.Adam):
     """Keras' Adam. With ``fused_kernels``, each variable's update is one kernel (the same formula, Kingma & Ba's
     with epsilon added to ``sqrt(v)``) instead of ten elementwise passes over the variable and its two slots."""
 
@@ -67,6 +66,25 @@ class Adam(_Fused, ReplicaConsistentApply, keras.optimizers.Adam):
             lr=tf.cast(learning_rate, dtype), beta1=tf.constant(self.beta_1, dtype),
             beta2=tf.constant(self.beta_2, dtype), epsilon=tf.constant(self.epsilon, dtype),
             grad=tf.cast(gradient, dtype))
+
+
+@keras.saving.register_keras_serializable(package="frcnn", name="TFSGD")
+class SGD(ReplicaConsistentApply, WeightDecayGroups, _FusedSGD):
+    """The training SGD on TensorFlow: replica-consistent ``apply``, weight decay per group
+    (:class:`frcnn.optim.WeightDecayGroups`, which runs first), then the fused update (:class:`_FusedSGD`; in
+    coupled mode torch's momentum form as one ``ResourceApplyMomentum``)."""
+
+    def _torch_momentum_step(self, gradient, variable, velocity, lr):
+        if not _fused_kernel_applies(self, gradient, variable):
+            return super()._torch_momentum_step(gradient, variable, velocity, lr)
+        tf.raw_ops.ResourceApplyMomentum(var=variable.handle, accum=_handle(velocity), lr=lr, grad=gradient,
+                                         momentum=tf.constant(self.momentum, variable.dtype),
+                                         use_nesterov=self.nesterov)
+
+
+@keras.saving.register_keras_serializable(package="frcnn", name="TFAdam")
+class Adam(ReplicaConsistentApply, WeightDecayGroups, _FusedAdam):
+    """The training Adam on TensorFlow: replica-consistent ``apply``, weight decay per group, fused update."""
 
 
 @keras.saving.register_keras_serializable(package="frcnn")

@@ -50,6 +50,78 @@ def test_optimizer_from_config_scales_lr_and_skips_decay_of_norms():
     assert decayed["kernel"] and not decayed["bias"] and not decayed["gamma"]
 
 
+def _torch_sgd(params, grads, lrs, momentum, rates, nesterov=False):
+    """torch.optim.SGD.step in float64 NumPy (dampening 0), one rate per parameter group: ``d = g + wd * w``;
+    ``buf = d`` at the first step, then ``buf = momentum * buf + d``; ``w -= lr * buf`` (Nesterov: ``lr * (d +
+    momentum * buf)``)."""
+    params = [p.astype(np.float64) for p in params]
+    bufs = [None] * len(params)
+    for step, lr in enumerate(lrs):
+        for i, (p, wd) in enumerate(zip(params, rates)):
+            d = grads[step][i] + wd * p
+            bufs[i] = d.copy() if bufs[i] is None else momentum * bufs[i] + d
+            params[i] = p - lr * ((d + momentum * bufs[i]) if nesterov else bufs[i])
+    return params
+
+
+@pytest.mark.parametrize("precision", ["off", "mixed_float16"])
+def test_coupled_weight_decay_per_group_follows_torch_sgd(precision):
+    """Detectron2's solver: torch's SGD with L2 decay in the gradient, per group (kernels 1e-4, biases the same
+    (WEIGHT_DECAY_BIAS None), norms 0), through warm-up (the rate changes every step) and a decay step."""
+    cfg = load_config("detectron2_base.yaml", [
+        "data.classes=[a]", "train.batch_size=16", "train.warmup_steps=3", "train.lr_decay_epochs=[1]",
+        "train.weight_decay=0.01", f"train.mixed_precision={precision}"])  # 0.01: decay visible in a few steps
+    opt = optim.make_optimizer(cfg, steps_per_epoch=5)
+    inner = getattr(opt, "inner_optimizer", opt)
+    assert isinstance(inner, optim.WeightDecayGroups) and inner.weight_decay_mode == "coupled"
+    assert inner.weight_decay_groups == {"kernel": 0.01, "bias": 0.01, "norm": 0.0}
+    rng = np.random.default_rng(0)
+    init = {name: rng.standard_normal((3, 2)) for name in ("kernel", "bias", "gamma")}
+    variables = [keras.Variable(init[name], name=name, dtype="float64") for name in init]
+    grads = [[rng.standard_normal((3, 2)) for _ in variables] for _ in range(8)]
+    opt.build(variables)
+    lrs = [float(opt.learning_rate)]
+    scale = float(opt.scale_loss(1.0)) if precision == "mixed_float16" else 1.0  # the loss-scale wrapper divides
+    for step in grads:
+        opt.apply([keras.ops.convert_to_tensor(g * scale) for g in step], variables)
+        lrs.append(float(opt.learning_rate))
+    assert lrs[0] < lrs[1] < lrs[3] and lrs[5] < lrs[4]  # the steps cover warm-up and the decay at step 5
+    want = _torch_sgd(list(init.values()), grads, lrs[:-1], momentum=0.9, rates=[0.01, 0.01, 0.0])
+    for var, expected in zip(variables, want):
+        np.testing.assert_allclose(var.numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_torch_momentum_kernel_follows_torch_sgd():
+    """Coupled mode on TensorFlow: one fused ResourceApplyMomentum per variable (torch's form), float32."""
+    rng = np.random.default_rng(1)
+    init = [rng.standard_normal((3, 4)).astype(np.float32) for _ in range(2)]
+    grads = [[rng.standard_normal((3, 4)).astype(np.float32) for _ in init] for _ in range(4)]
+    for nesterov in (False, True):
+        opt = tf_optimizers.SGD(0.05, momentum=0.9, nesterov=nesterov, weight_decay_mode="coupled",
+                           weight_decay_groups={"kernel": 0.1, "bias": 0.0, "norm": 0.0})
+        variables = [keras.Variable(w, name=name) for w, name in zip(init, ("kernel", "bias"))]
+        step = tf.function(lambda gs: opt.apply(gs, variables))
+        for g in grads:
+            step([tf.constant(x) for x in g])
+        want = _torch_sgd(init, grads, [0.05] * 4, momentum=0.9, rates=[0.1, 0.0], nesterov=nesterov)
+        for var, expected in zip(variables, want):
+            np.testing.assert_allclose(var.numpy(), expected, rtol=1e-5, atol=1e-6)
+        graph = step.get_concrete_function([tf.TensorSpec((3, 4))] * 2).graph
+        assert "ResourceApplyMomentum" in {op.type for op in graph.get_operations()}
+
+
+def test_decoupled_weight_decay_per_group():
+    """frcnn's default: Keras' decoupled decay (w -= lr * rate * w before the update), per group."""
+    cfg = load_config(None, ["train.weight_decay=0.1", "train.weight_decay_bias=0.05", "train.weight_decay_norm=0.02",
+                             "train.warmup_steps=0", "train.scale_lr=false", "train.lr=0.5"])
+    opt = optim.make_optimizer(cfg, steps_per_epoch=100)
+    assert opt.weight_decay_mode == "decoupled"
+    variables = [keras.Variable(np.ones(3), name=name, dtype="float64") for name in ("kernel", "bias", "beta")]
+    opt.build(variables)
+    opt.apply([np.zeros(3)] * 3, variables)  # a zero gradient: only the decay moves them
+    np.testing.assert_allclose([v.numpy()[0] for v in variables], [1 - 0.5 * 0.1, 1 - 0.5 * 0.05, 1 - 0.5 * 0.02])
+
+
 def _numpy_updates(kind, w, grads, lr, wd=0.0, momentum=0.9, nesterov=False, b1=0.9, b2=0.999, eps=1e-7):
     """The optimizers' formulas in float64 NumPy: decoupled weight decay first, then Adam (Kingma & Ba, epsilon
     added to sqrt(v)) or SGD with momentum (Keras' form: m = momentum m - lr g; w += m, or Nesterov's)."""

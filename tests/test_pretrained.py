@@ -306,9 +306,8 @@ def test_class_and_box_permutation_hand_case(tiny_model, tmp_path):
     pretrained.load_detector_weights(tiny_model, write_d2(tmp_path / "cls.pkl", sd))
     assert tiny_model.class_names == ("__background__", "cat", "dog")
     feats = np.random.default_rng(0).standard_normal((1, 2048)).astype(np.float32)
-    probs = np.asarray(tiny_model.roi_heads.head.cls.layer(feats))[0]
-    e = np.exp([3.0, 1.0, 2.0])
-    np.testing.assert_allclose(probs, e / e.sum(), rtol=1e-5)  # background, cat, dog
+    logits = np.asarray(tiny_model.roi_heads.head.cls.layer(feats))[0]  # the class layer emits logits
+    np.testing.assert_allclose(logits, [3.0, 1.0, 2.0], rtol=1e-6)  # background, cat, dog
     deltas = np.asarray(tiny_model.roi_heads.head.box.layer(feats))[0]
     np.testing.assert_array_equal(deltas, [10, 11, 12, 13, 20, 21, 22, 23])  # 4 * (c - 1) + k for c = cat, dog
     np.testing.assert_array_equal(pretrained.class_permutation(2), [2, 0, 1])
