@@ -1,4 +1,5 @@
-"""Smoke tests of tools/infer.py, tools/evaluate.py and tools/export.py, each called through ``main(argv)``.
+"""Smoke tests of the tools (:mod:`frcnn.cli.infer`, ``evaluate`` and ``export``, each called through
+``main(argv)``), and of ``tools/*.py``, the scripts that run them from a checkout.
 
 One tiny model (configs/test.yaml, random initialisation, no training) is built for the whole module and saved like
 a training run: ``<workdir>/config.yaml`` and ``<workdir>/checkpoints/last.weights.h5`` with optimizer variables.
@@ -12,10 +13,13 @@ functions are reused.
 """
 
 import dataclasses
+import importlib
 import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
 import types
 import warnings
 
@@ -37,7 +41,13 @@ CLASSES = ("circle", "square", "triangle")
 
 
 def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
+    """The tool's module, :mod:`frcnn.cli.<name>` (the ``frcnn-<name>`` command)."""
+    return importlib.import_module(f"frcnn.cli.{name}")
+
+
+def _script(name):
+    """``tools/<name>.py`` loaded as a module (not run)."""
+    spec = importlib.util.spec_from_file_location(f"tool_script_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -374,3 +384,41 @@ def test_exported_saved_model_matches_detect(run, loader, tmp_path, capsys):
     np.testing.assert_allclose(got["boxes"][:n].numpy(), single["boxes"], atol=1e-3)
     np.testing.assert_allclose(got["scores"][:n].numpy(), single["scores"], atol=1e-5)
     np.testing.assert_array_equal(got["classes"][:n].numpy(), single["classes"])
+
+
+# ---------------------------------------------------------------------------------------------- tools/*.py
+
+
+TOOLS = ("train", "infer", "evaluate", "export")
+
+
+def _env_with_checkout():
+    """The environment for a tool run from this checkout: frcnn importable (``pip install -e .`` does that for a
+    user; here the checkout goes on PYTHONPATH so that the run uses the code under test)."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+
+
+@pytest.mark.parametrize("name", TOOLS)
+def test_scripts_run_the_package_tools(name):
+    """Each tools/*.py is frcnn.cli.<name>.main, with no sys.path edit."""
+    assert _script(name).main is _tool(name).main
+    with open(os.path.join(ROOT, "tools", f"{name}.py"), encoding="utf-8") as f:
+        assert "sys.path" not in f.read()
+
+
+def test_script_help_from_another_folder(tmp_path):
+    """``python tools/train.py --help``, as the README runs it, from any folder."""
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train.py"), "--help"], cwd=tmp_path,
+                          env=_env_with_checkout(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "--config" in done.stdout and "frcnn-train" in done.stdout
+
+
+def test_script_without_the_package_says_how_to_install(tmp_path):
+    """Without frcnn installed (``-S``: no site-packages, so no editable install either), a script says what to
+    run instead of printing a traceback."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-S", os.path.join(ROOT, "tools", "infer.py")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "pip install -r requirements.txt" in done.stderr and "Traceback" not in done.stderr
