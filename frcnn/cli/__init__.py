@@ -58,10 +58,16 @@ def add_weights(parser, required=True, help_text=WEIGHTS_HELP):
     parser.add_argument("--weights", required=required, help=help_text)
 
 
+# Held at WARNING in every tool: JAX logs at INFO each platform it cannot start ("Unable to initialize backend
+# 'tpu'") the first time it picks a device.
+ALWAYS_QUIET = ("jax._src.xla_bridge",)
+
+
 def setup_logging(quiet=()):
-    """INFO logs as ``LEVEL logger: message``; the loggers named in ``quiet`` only from WARNING up."""
+    """INFO logs as ``LEVEL logger: message``; the loggers in :data:`ALWAYS_QUIET` and ``quiet`` only from WARNING
+    up."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for name in quiet:
+    for name in ALWAYS_QUIET + tuple(quiet):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
