@@ -15,7 +15,6 @@ weights. Exit code 0 on success, 2 on an error.
     out = detector.signatures["serving_default"](images=tf.constant([open("dog.jpg", "rb").read()]))
 """
 
-import os
 import sys
 
 from frcnn import cli
