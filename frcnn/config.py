@@ -27,7 +27,9 @@ from frcnn.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")  # an installed wheel: frcnn/configs/
+if not os.path.isdir(CONFIG_DIR):  # a checkout, also under `pip install -e .`: configs/ at the top of the repository
+    CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 class ConfigError(ValueError):

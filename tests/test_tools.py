@@ -1,8 +1,9 @@
-"""Smoke tests of tools/infer.py, tools/evaluate.py and tools/export.py, each called through ``main(argv)``.
+"""Smoke tests of the tools (:mod:`frcnn.cli.infer`, ``evaluate`` and ``export``, each called through
+``main(argv)``), and of ``tools/*.py``, the scripts that run them from a checkout.
 
 One tiny model (configs/test.yaml, random initialisation, no training) is built for the whole module and saved like
 a training run: ``<workdir>/config.yaml`` and ``<workdir>/checkpoints/last.weights.h5`` with optimizer variables.
-``model.score_thresh`` is 0 so that the random model still outputs boxes.
+``roi_heads.score_thresh`` is 0 so that the random model still outputs boxes.
 
 Time: building a model and tracing it for a new input shape cost seconds each on a CPU. So one infer run goes the
 whole way (it loads the checkpoint into a new, uncompiled model), the other tool runs get the module's model
@@ -12,10 +13,13 @@ functions are reused.
 """
 
 import dataclasses
+import importlib
 import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
 import types
 import warnings
 
@@ -27,6 +31,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from frcnn import inference, loading
+from frcnn.inference import detect
 from frcnn.config import ConfigError, load_config, save_config
 from frcnn.data import load_image
 from frcnn.evaluation import COCO_STAT_NAMES
@@ -37,7 +42,13 @@ CLASSES = ("circle", "square", "triangle")
 
 
 def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
+    """The tool's module, :mod:`frcnn.cli.<name>` (the ``frcnn-<name>`` command)."""
+    return importlib.import_module(f"frcnn.cli.{name}")
+
+
+def _script(name):
+    """``tools/<name>.py`` loaded as a module (not run)."""
+    spec = importlib.util.spec_from_file_location(f"tool_script_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -46,7 +57,7 @@ def _tool(name):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("tools")
-    cfg = load_config("test.yaml", [f"data.classes=[{','.join(CLASSES)}]", "model.score_thresh=0.0",
+    cfg = load_config("test.yaml", [f"data.classes=[{','.join(CLASSES)}]", "roi_heads.score_thresh=0.0",
                                     f"data.root={root / 'shapes'}"])
     model = build_model(cfg, load_weights=False)
     # A training checkpoint also holds the optimizer's variables: the tools must load it into a bare model.
@@ -105,7 +116,7 @@ def _good_images(folder):
 
 
 def _check_entry(entry, det, model):
-    """A detections.json entry equals one ``model.detect`` result (score threshold 0)."""
+    """A detections.json entry equals one ``frcnn.inference.detect`` result (score threshold 0)."""
     assert len(entry["scores"]) == len(det["scores"]) > 0
     np.testing.assert_allclose(entry["boxes"], det["boxes"], atol=1e-3)
     np.testing.assert_allclose(entry["scores"], det["scores"], atol=1e-5)
@@ -161,7 +172,7 @@ def test_infer_writes_images_and_json(run, tmp_path, capsys):
     assert doc["failed"] == [] and doc["classes"] == list(CLASSES)
     assert [e["file"] for e in doc["images"]] == files
     images = [load_image(p) for p in files]
-    expected = run.model.detect(images, batch_size=3)  # same batch as the tool
+    expected = detect(run.model, images, batch_size=3)  # same batch as the tool
     for entry, image, det in zip(doc["images"], images, expected):
         assert (entry["height"], entry["width"]) == image.shape[:2]
         _check_entry(entry, det, run.model)
@@ -189,13 +200,13 @@ def test_infer_reports_bad_files_and_goes_on(run, loader, tmp_path, capsys):
         doc = json.load(f)
     assert [e["file"] for e in doc["images"]] == [good]
     assert sorted(f["file"] for f in doc["failed"]) == sorted([missing, str(text), str(empty)])
-    _check_entry(doc["images"][0], run.model.detect([load_image(good)])[0], run.model)
+    _check_entry(doc["images"][0], detect(run.model, [load_image(good)])[0], run.model)
     assert os.path.isfile(out / "good.png")
 
 
 def test_score_threshold_filters_what_is_written(run, loader, tmp_path, capsys):
     image = _write_rgb(tmp_path / "a.png", _scene(64, 64, 4))
-    det = run.model.detect([load_image(image)])[0]
+    det = detect(run.model, [load_image(image)])[0]
     thresh = float(np.median(det["scores"]))
     out = tmp_path / "out"
     assert _tool("infer").main([image, "--weights", run.weights, "--out", str(out),
@@ -357,7 +368,7 @@ def test_exported_saved_model_matches_detect(run, loader, tmp_path, capsys):
     files.append(_write_rgb(tmp_path / "imgs" / "scene.png", _scene(120, 100, 0)))
     # PNG only: lossless, so TensorFlow and OpenCV decode the same pixels (JPEG decoders may differ by a level).
     images = [load_image(p) for p in files]
-    expected = run.model.detect(images, batch_size=len(images))
+    expected = detect(run.model, images, batch_size=len(images))
     encoded = tf.constant([open(p, "rb").read() for p in files])
     got = loaded.signatures["serving_default"](images=encoded)
     for i, det in enumerate(expected):
@@ -367,10 +378,48 @@ def test_exported_saved_model_matches_detect(run, loader, tmp_path, capsys):
         np.testing.assert_allclose(got["scores"][i, :n].numpy(), det["scores"], atol=1e-5)
         np.testing.assert_array_equal(got["classes"][i, :n].numpy(), det["classes"])
 
-    single = run.model.detect([images[0]])[0]
+    single = detect(run.model, [images[0]])[0]
     got = loaded.signatures["detect_image"](image=tf.constant(images[0]))
     n = int(got["num_detections"])
     assert n == len(single["scores"])
     np.testing.assert_allclose(got["boxes"][:n].numpy(), single["boxes"], atol=1e-3)
     np.testing.assert_allclose(got["scores"][:n].numpy(), single["scores"], atol=1e-5)
     np.testing.assert_array_equal(got["classes"][:n].numpy(), single["classes"])
+
+
+# ---------------------------------------------------------------------------------------------- tools/*.py
+
+
+TOOLS = ("train", "infer", "evaluate", "export")
+
+
+def _env_with_checkout():
+    """The environment for a tool run from this checkout: frcnn importable (``pip install -e .`` does that for a
+    user; here the checkout goes on PYTHONPATH so that the run uses the code under test)."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+
+
+@pytest.mark.parametrize("name", TOOLS)
+def test_scripts_run_the_package_tools(name):
+    """Each tools/*.py is frcnn.cli.<name>.main, with no sys.path edit."""
+    assert _script(name).main is _tool(name).main
+    with open(os.path.join(ROOT, "tools", f"{name}.py"), encoding="utf-8") as f:
+        assert "sys.path" not in f.read()
+
+
+def test_script_help_from_another_folder(tmp_path):
+    """``python tools/train.py --help``, as the README runs it, from any folder."""
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train.py"), "--help"], cwd=tmp_path,
+                          env=_env_with_checkout(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "--config" in done.stdout and "frcnn-train" in done.stdout
+
+
+def test_script_without_the_package_says_how_to_install(tmp_path):
+    """Without frcnn installed (``-S``: no site-packages, so no editable install either), a script says what to
+    run instead of printing a traceback."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-S", os.path.join(ROOT, "tools", "infer.py")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "pip install -r requirements.txt" in done.stderr and "Traceback" not in done.stderr

@@ -1,56 +1,19 @@
-"""Export a trained model as a TensorFlow SavedModel for serving.
+"""Export a trained model as a TensorFlow SavedModel: ``python tools/export.py --help``.
 
-    python tools/export.py --weights W [--config C] --out DIR [--set key=value ...]
-
-Signatures: serving_default takes a 1-D string tensor of encoded images (JPEG, PNG, BMP, GIF), detect_image one
-H x W x 3 uint8 RGB image; both return boxes (x1, y1, x2, y2 in original pixels), scores, classes and
-num_detections. Class names are in DIR/assets.extra/classes.txt. The EXIF orientation of JPEG files is not applied
-(TensorFlow's decoder ignores it): send upright images. The config defaults to the run's config.yaml beside the
-weights. Exit code 0 on success, 2 on an error.
-
-    import tensorflow as tf
-    detector = tf.saved_model.load(DIR)
-    out = detector.signatures["serving_default"](images=tf.constant([open("dog.jpg", "rb").read()]))
+The code is :mod:`frcnn.cli.export` (installed as the ``frcnn-export`` command); this script runs it from a checkout
+where frcnn is installed (``pip install -e .``, which ``pip install -r requirements.txt`` does).
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # see frcnn/cli.py
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from frcnn import cli  # noqa: E402
-
-
-def parse_args(argv):
-    parser = cli.make_parser(__doc__)
-    cli.add_weights(parser)
-    cli.add_config(parser)
-    parser.add_argument("--out", required=True, help="folder of the SavedModel (replaced if it holds one)")
-    cli.add_overrides(parser, "model.score_thresh=0.3")
-    return parser.parse_args(argv)
-
-
-def _export(args):
-    from frcnn import loading, tf_export as export
-
-    model, cfg, _ = loading.load_trained_model(args.weights, args.config, args.overrides)
-    path = export.export_saved_model(model, args.out, cfg)
-    print(f"SavedModel: {path}")
-    print(f"  {export.SERVING_SIGNATURE}: images (N,) string (encoded images) -> boxes, scores, classes, "
-          "num_detections")
-    print(f"  {export.IMAGE_SIGNATURE}: image (H, W, 3) uint8 RGB -> boxes, scores, classes, num_detections")
-    print(f"  classes: {', '.join(cfg.data.classes)} (ids 1..{len(cfg.data.classes)}; "
-          f"{export.EXTRA_DIR}/classes.txt)")
-    return 0
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    # SavedModel writing logs variable renames and asset paths at INFO.
-    cli.setup_logging(quiet=("absl", "tensorflow"))
-    return cli.run(lambda: _export(args), also=(OSError,))
-
+try:
+    from frcnn.cli.export import main
+except ModuleNotFoundError as err:  # a checkout without the package installed
+    if err.name != "frcnn":
+        raise
+    print("error: the frcnn package is not installed in this Python: run `pip install -r requirements.txt` (or "
+          "`pip install -e .`) in the repository root", file=sys.stderr)
+    sys.exit(2)
 
 if __name__ == "__main__":
     sys.exit(main())

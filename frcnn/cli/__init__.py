@@ -1,4 +1,12 @@
-"""What the four tools (``tools/train.py``, ``infer.py``, ``evaluate.py``, ``export.py``) share.
+"""The command-line tools and what they share.
+
+The tools are the modules of this package, each with ``main(argv=None)`` returning the exit code:
+:mod:`frcnn.cli.train`, :mod:`~frcnn.cli.infer`, :mod:`~frcnn.cli.evaluate` and :mod:`~frcnn.cli.export`. An
+installed package runs them as the commands ``frcnn-train``, ``frcnn-infer``, ``frcnn-evaluate`` and
+``frcnn-export`` (``[project.scripts]`` in pyproject.toml); ``tools/*.py`` in the repository are the same ``main``
+as scripts.
+
+What they share:
 
 - :func:`make_parser` and the common flags: :func:`add_config` (``--config``), :func:`add_overrides` (``--set
   key=value``, repeatable), :func:`add_weights` (``--weights``);
@@ -8,17 +16,20 @@
   ``error: <message>`` on stderr and gives 2; Ctrl-C gives 130 (128 + SIGINT), without a traceback. Anything else is
   a bug and keeps its traceback.
 
-A tool still starts with two lines of its own, because they must run before ``frcnn`` (and TensorFlow with it) is
-imported: the checkout on ``sys.path`` and ``TF_CPP_MIN_LOG_LEVEL=2``.
+Importing this package sets ``TF_CPP_MIN_LOG_LEVEL=2`` (unless it is set already) before anything here can import
+TensorFlow: ``import frcnn`` imports neither Keras nor TensorFlow, so the line below runs first.
 """
 
 import argparse
 import logging
+import os
 import sys
 
-from frcnn.config import ConfigError
-from frcnn.data import DataError
-from frcnn.errors import TrainingError
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported: its C++ start-up chatter
+
+from frcnn.config import ConfigError  # noqa: E402
+from frcnn.data import DataError  # noqa: E402
+from frcnn.errors import TrainingError  # noqa: E402
 
 USER_ERRORS = (ConfigError, DataError, TrainingError)
 EXIT_ERROR = 2
@@ -47,10 +58,16 @@ def add_weights(parser, required=True, help_text=WEIGHTS_HELP):
     parser.add_argument("--weights", required=required, help=help_text)
 
 
+# Held at WARNING in every tool: JAX logs at INFO each platform it cannot start ("Unable to initialize backend
+# 'tpu'") the first time it picks a device.
+ALWAYS_QUIET = ("jax._src.xla_bridge",)
+
+
 def setup_logging(quiet=()):
-    """INFO logs as ``LEVEL logger: message``; the loggers named in ``quiet`` only from WARNING up."""
+    """INFO logs as ``LEVEL logger: message``; the loggers in :data:`ALWAYS_QUIET` and ``quiet`` only from WARNING
+    up."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for name in quiet:
+    for name in ALWAYS_QUIET + tuple(quiet):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
