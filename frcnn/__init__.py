@@ -21,24 +21,35 @@ import os
 __version__ = "0.2.0"
 
 
+_BACKEND_MODULES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch", "numpy": "numpy"}
+
+
+def _importable(module):
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a module set to None in sys.modules (tests hide TensorFlow that way)
+        return False
+
+
 def _default_backend():
-    """TensorFlow unless the user chose a backend; JAX or PyTorch where TensorFlow is not installed."""
+    """TensorFlow unless the user chose a backend; JAX or PyTorch where TensorFlow is not installed.
+
+    ``~/.keras/keras.json`` counts as a choice only when its backend is importable: Keras writes that file, naming
+    TensorFlow, the first time it is imported, also on a machine where only JAX is installed."""
     if "KERAS_BACKEND" in os.environ:
         return
     config = os.path.join(os.path.expanduser(os.environ.get("KERAS_HOME", "~/.keras")), "keras.json")
     try:
         with open(config, encoding="utf-8") as f:
-            if json.load(f).get("backend"):
-                return
+            chosen = json.load(f).get("backend")
+        if chosen and _importable(_BACKEND_MODULES.get(chosen, chosen)):
+            return
     except (OSError, ValueError, AttributeError):
         pass
-    for backend, module in (("tensorflow", "tensorflow"), ("jax", "jax"), ("torch", "torch")):
-        try:
-            if importlib.util.find_spec(module) is not None:
-                os.environ["KERAS_BACKEND"] = backend
-                return
-        except (ImportError, ValueError):  # a module set to None in sys.modules (tests hide TensorFlow that way)
-            continue
+    for backend in ("tensorflow", "jax", "torch"):
+        if _importable(_BACKEND_MODULES[backend]):
+            os.environ["KERAS_BACKEND"] = backend
+            return
     os.environ["KERAS_BACKEND"] = "tensorflow"  # Keras' own default; its import error then says what is missing
 
 

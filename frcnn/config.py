@@ -274,7 +274,7 @@ class TrainConfig(_Section):
     val_every: int = 1  # run the validation evaluation every N epochs (0: never)
     val_max_images: Optional[int] = None
     checkpoint_every: int = 500  # also save the last checkpoint every N steps (0: only at epoch ends)
-    strategy: str = "default"  # default | mirrored | multi_worker
+    strategy: str = "default"  # default | mirrored | multi_worker (tf.distribute) | data_parallel (JAX)
     mixed_precision: str = "off"  # off | mixed_float16 | mixed_bfloat16 | auto (bfloat16 where native)
     jit_compile: bool = False
     speed_paths: str = "auto"  # kernels chosen by measurement on a CPU: auto (on a CPU only) | on | off
@@ -282,7 +282,7 @@ class TrainConfig(_Section):
     _CHOICES = {
         "optimizer": ("sgd", "adam"),
         "lr_schedule": ("step", "cosine"),
-        "strategy": ("default", "mirrored", "multi_worker"),
+        "strategy": ("default", "mirrored", "multi_worker", "data_parallel"),
         "mixed_precision": ("off", "mixed_float16", "mixed_bfloat16", "auto"),
         "speed_paths": ("auto", "on", "off"),
         "weight_decay_mode": ("decoupled", "coupled"),

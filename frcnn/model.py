@@ -101,9 +101,11 @@ class FasterRCNN(keras.Model):
         return folded
 
     def build_for_inference(self):
-        """Create every variable with a tiny forward pass (the model takes a dict, not one tensor)."""
+        """Create every variable with a symbolic forward pass (the model takes a dict, not one tensor): no compute,
+        the same variables and initial values as a real call."""
         size = 4 * self.rpn.stride
-        self({"images": np.zeros((1, size, size, 3), np.float32), "image_sizes": np.array([[size, size]], np.int32)})
+        self({"images": keras.KerasTensor((1, size, size, 3), "float32"),
+              "image_sizes": keras.KerasTensor((1, 2), "int32")})
         self.built = True
 
     def get_config(self):

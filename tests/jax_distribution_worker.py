@@ -27,8 +27,8 @@ from frcnn.config import load_config
 
 STEPS = 2
 SEED = 7
-OVERRIDES = ["data.classes=[circle,square,triangle]", "model.norm=group", "model.num_rois=16",
-             "model.roi_positive_fraction=0.5", f"train.seed={SEED}"]
+OVERRIDES = ["data.classes=[circle,square,triangle]", "model.norm=group", "roi_heads.num_rois=16",
+             "roi_heads.positive_fraction=0.5", f"train.seed={SEED}"]
 
 
 def global_batch():
