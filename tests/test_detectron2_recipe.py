@@ -14,7 +14,7 @@ import os
 import pytest
 import yaml
 
-from frcnn import training
+from frcnn import optim
 from frcnn.config import load_config
 
 D2 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "detectron2")
@@ -154,7 +154,7 @@ MAPPING = [
     ("SOLVER.IMS_PER_BATCH", _attr("train.batch_size"), None),
     ("SOLVER.IMS_PER_BATCH", _attr("train.reference_batch_size"), None),  # so train.lr is used as it is
     ("SOLVER.BASE_LR", _attr("train.lr"), None),
-    ("SOLVER.BASE_LR", _fn("training.learning_rate(cfg)", training.learning_rate), None),
+    ("SOLVER.BASE_LR", _fn("optim.learning_rate(cfg)", optim.learning_rate), None),
     ("SOLVER.MAX_ITER", _iters("epochs"), None),
     ("SOLVER.STEPS", _iters("lr_decay_epochs"), None),
     ("SOLVER.GAMMA", _attr("train.lr_gamma"), None),
@@ -162,7 +162,7 @@ MAPPING = [
     ("SOLVER.WARMUP_ITERS", _attr("train.warmup_steps"), None),
     ("SOLVER.WARMUP_FACTOR", _attr("train.warmup_factor"), None),
     ("SOLVER.MOMENTUM", _attr("train.momentum"), None),
-    ("SOLVER.NESTEROV", _fn("make_optimizer(cfg).nesterov", lambda c: training.make_optimizer(c, 10).nesterov), None),
+    ("SOLVER.NESTEROV", _fn("make_optimizer(cfg).nesterov", lambda c: optim.make_optimizer(c, 10).nesterov), None),
     ("SOLVER.WEIGHT_DECAY", _attr("train.weight_decay"), None),
     ("SOLVER.WEIGHT_DECAY_BIAS", _attr("train.weight_decay_bias"), None),
     ("SOLVER.WEIGHT_DECAY_NORM", _attr("train.weight_decay_norm"), None),
