@@ -41,10 +41,17 @@ def parse_args(argv):
 
 
 def _infer(args):
+    from frcnn import inference
+
+    inference.check_output_dir(args.out)  # before the model and the images: fail in a second, not at the end
+    with inference.own_output_dir(args.out):  # a second infer run into the same --out is refused
+        return _infer_owned(args)
+
+
+def _infer_owned(args):
     from frcnn import inference, loading
     from frcnn.report import format_table
 
-    inference.check_output_dir(args.out)  # before the model and the images: fail in a second, not at the end
     model, cfg, config_path = loading.load_trained_model(args.weights, args.config, args.overrides,
                                                          score_thresh=args.score_thresh)
     paths, problems = inference.expand_inputs(args.images)
