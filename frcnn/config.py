@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import os
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Optional, Tuple, Union
 
@@ -32,6 +33,21 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 
 class ConfigError(ValueError):
     """A config that cannot be used: the message names the key (and the file, when there is one)."""
+
+
+def class_name_problem(name):
+    """Why ``name`` cannot be a class name (a string), or None. Names are data, not layout: a newline, tab or other
+    control character (Unicode categories Cc, Zl, Zp: what ``str.splitlines`` splits on, among others) would shift
+    or merge lines of a file of names, so it is refused wherever names are read (``data.classes``, VOC ``<name>``,
+    COCO category names); so is an empty name."""
+    if not isinstance(name, str):
+        return f"{name!r} is not a string"
+    if not name.strip():
+        return "an empty name"
+    bad = sorted({c for c in name if unicodedata.category(c) in ("Cc", "Zl", "Zp")})
+    if bad:
+        return f"{name!r} holds the control character{'s' if len(bad) > 1 else ''} {', '.join(map(repr, bad))}"
+    return None
 
 
 class _Section:
@@ -150,6 +166,10 @@ class DataConfig(_Section):
                 fail("classes", "has duplicate names")
             if "__background__" in self.classes:
                 fail("classes", "must not list the background class (it is added as index 0)")
+            for name in self.classes:
+                problem = class_name_problem(name)
+                if problem:
+                    fail("classes", f"has a name that cannot be a class name: {problem}")
         self.synthetic.validate(lambda key, why: fail(f"synthetic.{key}", why))
 
 

@@ -267,7 +267,9 @@ def inspect_image(path):
         raise ImageProblem(f"image file cannot be read ({err.strerror})") from None
     except struct.error:
         raise ImageProblem("corrupt image header") from None
-    raise ImageProblem(f"not a JPEG, PNG, GIF, BMP or WebP image (file starts with {magic[:8]!r})")
+    # The file's bytes are not quoted: a path that reaches outside the data (a hostile annotation) must not copy
+    # what it reads into the log.
+    raise ImageProblem(f"not a JPEG, PNG, GIF, BMP or WebP image ({size} bytes with no image signature)")
 
 
 def load_image(path):
