@@ -6,8 +6,8 @@ Signatures: serving_default takes a 1-D string tensor of encoded images (JPEG, P
 H x W x 3 uint8 RGB image; both return boxes (x1, y1, x2, y2 in original pixels), scores, classes and
 num_detections (serving_default also decoded: false for a string that does not decode, which gets no detections
 instead of failing the batch). Class names are in DIR/assets.extra/classes.txt (and classes.json). The EXIF
-orientation of JPEG files is not applied (TensorFlow's decoder ignores it): send upright images. The config defaults to the run's config.yaml beside the
-weights. Exit code 0 on success, 2 on an error.
+orientation of JPEG files is not applied (TensorFlow's decoder ignores it): send upright images. The config
+defaults to the run's config.yaml beside the weights. Exit code 0 on success, 2 on an error.
 
     import tensorflow as tf
     detector = tf.saved_model.load(DIR)
