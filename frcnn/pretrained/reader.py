@@ -53,7 +53,7 @@ class SafeUnpickler(pickle.Unpickler):
 
     Containers and scalars (dict, list, tuple, str, bytes, int, float, bool, None) come from pickle's own opcodes
     and need no global. The globals a file may name are exactly those NumPy's pickling writes (NumPy 1.x under
-    ``numpy.core``, 2.x under ``numpy._core``), each replaced by a checking version, plus two from Python itself:
+    ``numpy.core``, 2.x under ``numpy._core``), each replaced by a checking version, plus three from Python itself:
 
     - ``numpy.core.multiarray._reconstruct`` / ``numpy._core.multiarray._reconstruct``: the empty array that
       ``ndarray.__reduce__`` starts from, then filled by ``__setstate__`` (``(version, shape, dtype, fortran,
