@@ -292,10 +292,11 @@ def _imagenet_source(weights):
     try:
         return keras.applications.ResNet50(include_top=False, weights=weights)
     except Exception as err:  # h5py/ValueError on a truncated file or one for another architecture
+        first = (str(err).strip().splitlines() or [""])[0]  # Keras goes on to list every layer, with its values
         raise BackboneWeightsError(
             f"backbone weights file '{weights}' could not be loaded as Keras ResNet-50 (no top) weights: "
-            f"{type(err).__name__}: {err}"
-        ) from err
+            f"{type(err).__name__}: {first[:300]}"
+        ) from None
 
 
 def load_backbone_weights(weights, *models):

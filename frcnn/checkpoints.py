@@ -13,8 +13,10 @@ Every file is written to a temporary name in the same folder and renamed over th
 moment (even SIGKILL) leaves the previous complete checkpoint in place; starting the same command again resumes
 from it with the same epoch, global step and optimizer state (the data order of the resumed epoch differs). The
 step resumed from is the one the weights file holds (the optimizer's ``iterations``), checked against
-``state.json``, so a kill between the two renames cannot shift it. The training job owns the work directory
-(:func:`own_workdir`, a kernel lock that dies with the process), and a checkpoint that does not fit on the disk
+``state.json``, so a kill between the two renames cannot shift it. A resume is checked against the ``config.yaml``
+the checkpoint was made with (:func:`check_resume_config`: another class list is refused, other changes listed),
+and a damaged checkpoint names the intact one beside it (:func:`intact_alternative`). The training job owns the
+work directory (:func:`own_workdir`, a kernel lock that dies with the process), and a checkpoint that does not fit on the disk
 stops the run with a message, keeping the old one.
 
 Owns: files of the work directory. Must not import the training job, the data pipeline or TensorFlow (the finite
@@ -34,14 +36,16 @@ import weakref
 import keras
 import numpy as np
 
+from frcnn.config import ConfigError, load_config
 from frcnn.errors import TrainingError
-from frcnn.fileio import DirectoryLocked, atomic_path, lock_directory
+from frcnn.fileio import DirectoryLocked, atomic_path, check_inside, lock_directory
 
 log = logging.getLogger(__name__)
 
 LAST_WEIGHTS = "last.weights.h5"
 BEST_WEIGHTS = "best.weights.h5"
 STATE_FILE = "state.json"
+CONFIG_NAME = "config.yaml"
 
 
 # ------------------------------------------------------------------------------------------- the work directory
@@ -52,7 +56,9 @@ def own_workdir(workdir, chief=True):
 
     Only the chief takes the lock. Under multi-worker training the other workers share the chief's work directory
     (they read its checkpoint but write nothing there), so they must not be refused. The lock is released by the
-    kernel however the process ends (see :func:`frcnn.fileio.lock_directory`).
+    kernel however the process ends (see :func:`frcnn.fileio.lock_directory`). A directory that cannot be used (a
+    file in the way or on its path, read-only, no permission) or whose ``checkpoints``/``logs`` folder is a link
+    out of it is a :class:`TrainingError` of one line naming the path and the reason.
     """
     if not chief:
         return contextlib.nullcontext()
@@ -61,11 +67,82 @@ def own_workdir(workdir, chief=True):
 
 @contextlib.contextmanager
 def _locked(workdir):
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(lock_directory(workdir, "training run"))
+        except (DirectoryLocked, OSError) as err:  # OSError: UnusableDirectory, one line naming path and reason
+            raise TrainingError(f"--workdir {err}") from None
+        check_workdir_links(workdir)
+        yield
+
+
+# What a run writes under its work directory: a symbolic link there pointing elsewhere would carry the writes out.
+WORKDIR_FOLDERS = ("checkpoints", "logs", os.path.join("logs", "images"), os.path.join("logs", "train"),
+                   os.path.join("logs", "validation"))
+
+
+def check_workdir_links(workdir):
+    """Refuse (:class:`TrainingError`) a work directory whose ``checkpoints``, ``logs``... folder is a symbolic
+    link leading outside it. Files written directly in it are replaced atomically (a link there is replaced, never
+    written through)."""
+    for name in WORKDIR_FOLDERS:
+        try:
+            check_inside(os.path.join(workdir, name), workdir, "--workdir folder")
+        except OSError as err:
+            raise TrainingError(str(err)) from None
+
+
+# ------------------------------------------------------------------------------------ resuming with a new config
+
+
+def _flat(tree, prefix=""):
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _show(value):
+    return "null" if value is None else (f"[{', '.join(map(str, value))}]" if isinstance(value, (list, tuple))
+                                         else str(value))
+
+
+def check_resume_config(workdir, cfg):
+    """Before a resumed run touches anything: compare ``cfg`` with the ``config.yaml`` the checkpoint was made with.
+
+    A different class list (other names, or the same names in another order) is refused with
+    :class:`TrainingError`: the checkpoint's class ids would silently take another meaning. Every other changed
+    setting (``train.batch_size``, ``roi_heads.num_rois``, ``train.lr``...) is listed in one warning; the run goes
+    on with the new values. Returns the changed keys as ``{key: (old, new)}``. Without a readable ``config.yaml``
+    nothing can be compared, which is logged.
+    """
+    path = os.path.join(workdir, CONFIG_NAME)
+    if not os.path.isfile(path):
+        log.warning("%s has a checkpoint but no %s: the settings it was made with cannot be compared", workdir,
+                    CONFIG_NAME)
+        return {}
     try:
-        with lock_directory(workdir, "training run"):
-            yield
-    except DirectoryLocked as err:  # only the lock raises it: the training body has no such error
-        raise TrainingError(f"--workdir {err}") from None
+        saved = load_config(path)
+    except ConfigError as err:
+        log.warning("the %s the checkpoint was made with cannot be read (%s): settings not compared", path, err)
+        return {}
+    old_classes, new_classes = saved.data.classes, cfg.data.classes
+    if old_classes is not None and new_classes is not None and tuple(old_classes) != tuple(new_classes):
+        how = "in another order" if sorted(old_classes) == sorted(new_classes) else "other classes"
+        raise TrainingError(
+            f"--workdir {workdir}: the checkpoint was trained with the classes {_show(old_classes)} ({path}); this "
+            f"run has {_show(new_classes)} ({how}), so every class id would change meaning. Resume with "
+            f"data.classes={_show(old_classes)} in that order, or use a new --workdir"
+        )
+    old, new = _flat(saved.to_dict()), _flat(cfg.to_dict())
+    changed = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+    if changed:
+        log.warning("resuming %s with changed settings (checkpoint's value -> this run's): %s", workdir,
+                    ", ".join(f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in changed.items()))
+    return changed
 
 
 # Beyond the variables' own bytes, an HDF5 weights file holds a group and a dataset header per variable.
@@ -190,21 +267,70 @@ def load_checkpoint(model, path, with_optimizer=False):
     """Load a ``.weights.h5`` checkpoint into ``model``; a missing, truncated or mismatched file is a clear error.
 
     Keras checks every variable's shape, so a checkpoint made for another number of classes (or another
-    architecture) fails here instead of loading partially.
+    architecture) fails here instead of loading partially. The message is a few lines at most (Keras' own lists
+    every layer), and for a damaged file it names the intact checkpoint beside it, if there is one.
     """
     if not os.path.isfile(path):
         raise TrainingError(f"checkpoint '{path}' does not exist")
     if with_optimizer and model.optimizer is not None and not model.optimizer.built:
         model.optimizer.build(model.trainable_variables)
+    damage = damaged_h5(path) if os.fspath(path).endswith(".h5") else None  # a .keras file is a zip archive
+    if damage:
+        raise TrainingError(f"checkpoint '{path}' is damaged ({damage}).{intact_alternative(path)}")
     try:
         load_weights(model, path)
     except Exception as err:  # h5py OSError on a truncated file, ValueError on shape or structure mismatch
         raise TrainingError(
-            f"checkpoint '{path}' cannot be loaded into this model ({type(err).__name__}: {err}). Is it complete, "
-            "and was it trained with the same classes and model settings (see the config.yaml next to it)?"
-        ) from err
+            f"checkpoint '{path}' does not fit this model: {_load_error_summary(err)}. Was it trained with the same "
+            "classes and model settings (see the config.yaml next to it)?"
+        ) from None
 
 
+def damaged_h5(path):
+    """Why ``path`` is not a complete HDF5 file (h5py's reason, e.g. ``truncated file: eof = ...``), or None."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r"):
+            return None
+    except OSError as err:
+        return str(err)
+
+
+def intact_alternative(path):
+    """For a damaged checkpoint: a sentence naming the other checkpoint of its folder (``last`` for ``best`` and
+    the reverse) when that one is intact, else ``""``."""
+    folder, name = os.path.split(os.path.abspath(path))
+    others = {LAST_WEIGHTS: BEST_WEIGHTS, BEST_WEIGHTS: LAST_WEIGHTS}
+    other = os.path.join(folder, others.get(name, LAST_WEIGHTS))
+    if other == os.path.abspath(path) or not os.path.isfile(other) or damaged_h5(other):
+        return ""
+    advice = f" {other} is intact: use it (--weights {other})"
+    if name == LAST_WEIGHTS:
+        advice += (f", or resume training from it by copying it over the damaged file (cp {other} {path}; the run "
+                   "resumes from the step it holds)")
+    return advice + "."
+
+
+_KERAS_COUNT = re.compile(r"A total of (\d+) objects could not be loaded")
+_KERAS_SHAPE = re.compile(r"variable\.shape=(\([^)]*\)), Received: value\.shape=(\([^)]*\))\. "
+                          r"Target variable: <Variable path=([^,\s>]+)")
+
+
+def _load_error_summary(err):
+    """One line from Keras' loading error (which lists every layer that failed, with its values)."""
+    text = str(err).strip()
+    parts = []
+    count = _KERAS_COUNT.search(text)
+    if count:
+        parts.append(f"{count.group(1)} of its layers could not be loaded")
+    shape = _KERAS_SHAPE.search(text)
+    if shape:
+        parts.append(f"{shape.group(3)} has the shape {shape.group(1)} here but {shape.group(2)} in the file")
+    if not parts:
+        first = text.splitlines()[0] if text else ""
+        parts.append(f"{type(err).__name__}: " + (first[:240] + " ..." if len(first) > 240 else first))
+    return ", e.g. ".join(parts)
 
 
 def load_weights(model, filepath):

@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import os
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Optional, Tuple, Union
 
@@ -34,6 +35,21 @@ if not os.path.isdir(CONFIG_DIR):  # a checkout, also under `pip install -e .`: 
 
 class ConfigError(ValueError):
     """A config that cannot be used: the message names the key (and the file, when there is one)."""
+
+
+def class_name_problem(name):
+    """Why ``name`` cannot be a class name (a string), or None. Names are data, not layout: a newline, tab or other
+    control character (Unicode categories Cc, Zl, Zp: what ``str.splitlines`` splits on, among others) would shift
+    or merge lines of a file of names, so it is refused wherever names are read (``data.classes``, VOC ``<name>``,
+    COCO category names); so is an empty name."""
+    if not isinstance(name, str):
+        return f"{name!r} is not a string"
+    if not name.strip():
+        return "an empty name"
+    bad = sorted({c for c in name if unicodedata.category(c) in ("Cc", "Zl", "Zp")})
+    if bad:
+        return f"{name!r} holds the control character{'s' if len(bad) > 1 else ''} {', '.join(map(repr, bad))}"
+    return None
 
 
 class _Section:
@@ -152,6 +168,10 @@ class DataConfig(_Section):
                 fail("classes", "has duplicate names")
             if "__background__" in self.classes:
                 fail("classes", "must not list the background class (it is added as index 0)")
+            for name in self.classes:
+                problem = class_name_problem(name)
+                if problem:
+                    fail("classes", f"has a name that cannot be a class name: {problem}")
         self.synthetic.validate(lambda key, why: fail(f"synthetic.{key}", why))
 
 
@@ -513,7 +533,8 @@ def _read_yaml(path, seen=()):
 
 
 def parse_override(text):
-    """``'model.num_rois=64'`` -> ``('model.num_rois', 64)``; the value is read as YAML."""
+    """``'roi_heads.num_rois=64'`` -> ``('roi_heads.num_rois', 64)``; the value is read as YAML, an old key is
+    mapped (:data:`LEGACY_KEYS`)."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form key=value (e.g. train.lr=0.01)")
     key, raw = text.split("=", 1)

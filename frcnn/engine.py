@@ -8,10 +8,13 @@ time left) and :mod:`frcnn.evaluation`.
 Owns: the order of a training run. Imports TensorFlow only through ``frcnn.distribution`` on that backend.
 """
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
+import signal
+import threading
 
 import keras
 
@@ -69,8 +72,45 @@ def train(cfg, workdir, verbose=1):
     # First, before any TensorFlow op: a multi-worker strategy configures the runtime's collectives at creation.
     distribution = make_distribution(cfg)
     # Before anything is written there: two runs in one work directory overwrite each other's checkpoints.
-    with checkpoints.own_workdir(workdir, distribution.is_chief):
+    with checkpoints.own_workdir(workdir, distribution.is_chief), stop_on_signals():
         return _train(cfg, workdir, distribution, verbose)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler stopping the job) during training; ``signum`` says which. A
+    ``KeyboardInterrupt``, so whatever handles Ctrl-C handles both; the tools exit with ``128 + signum``."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+
+
+@contextlib.contextmanager
+def stop_on_signals(signums=(signal.SIGINT, signal.SIGTERM)):
+    """Within the block, the first SIGINT or SIGTERM raises :class:`Interrupted` (so :func:`fit_resumable` saves a
+    checkpoint before the run ends); any later one is logged and ignored, so that a scheduler's repeated TERM
+    cannot cut that save short (SIGKILL still ends the process: the previous checkpoint is then kept, see
+    :mod:`frcnn.checkpoints`). The previous handlers come back at the end. Outside the main thread (where Python
+    delivers signals) this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+
+    def handler(signum, frame):
+        if received:
+            log.warning("%s received while the run stops: ignored (the checkpoint is being saved)",
+                        signal.Signals(signum).name)
+            return
+        received.append(signum)
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in signums}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _load_splits(cfg):
@@ -108,10 +148,12 @@ def _train(cfg, workdir, distribution, verbose):
 
     checkpoint_dir = os.path.join(workdir, "checkpoints")
     if chief:
-        save_config(cfg, os.path.join(workdir, "config.yaml"))
         remove_stale_temporaries(checkpoint_dir)  # left by a run killed while writing a checkpoint
     state = checkpoints.read_state(checkpoint_dir)
     resume = checkpoints.has_checkpoint(checkpoint_dir)
+    if resume and chief:
+        # A different class list is refused, other changes listed, before anything in the work directory changes.
+        checkpoints.check_resume_config(workdir, cfg)
     steps = steps_per_epoch(cfg, len(train_records))
     # Multi-worker: every worker must resume (from a shared --workdir) or not, and cut the same epochs.
     distribution.check_workers_agree(
@@ -136,6 +178,10 @@ def _train(cfg, workdir, distribution, verbose):
             # The step comes from the weights (state.json is checked against them): see restore_checkpoint.
             state = checkpoints.restore_checkpoint(model, checkpoint_dir, steps, state)
             print(f"resuming from {checkpoint_dir}: epoch {state['epoch']}, global step {state['global_step']}")
+    if chief:
+        # Only now, with every check passed and the checkpoint restored: a refused resume leaves the config.yaml
+        # its checkpoint was made with (tools/infer.py reads it).
+        save_config(cfg, os.path.join(workdir, checkpoints.CONFIG_NAME))
     if resume:
         distribution.check_workers_agree([state["global_step"]], "the checkpoint step to resume from")
     if distribution.description:
@@ -211,8 +257,9 @@ def fit_resumable(model, dataset, epochs, steps, callbacks, manager, stop_on_nan
     """``model.fit`` from global step ``start_step`` to ``epochs * steps``; returns the Keras histories.
 
     ``fit`` cannot start in the middle of an epoch, so a run resumed mid-epoch first finishes that epoch with a
-    shorter ``fit`` and then runs the remaining whole epochs. Ctrl-C saves a checkpoint (via ``manager``) before the
-    ``KeyboardInterrupt`` goes on; a non-finite loss raises :class:`TrainingError` naming the step.
+    shorter ``fit`` and then runs the remaining whole epochs. Ctrl-C, and SIGTERM under :func:`stop_on_signals`, save
+    a checkpoint (via ``manager``) before the ``KeyboardInterrupt`` goes on; a non-finite loss raises
+    :class:`TrainingError` naming the step.
     """
     epoch, step_in_epoch = divmod(start_step, steps)
     histories = []
@@ -224,9 +271,11 @@ def fit_resumable(model, dataset, epochs, steps, callbacks, manager, stop_on_nan
             epoch += 1
         if epoch < epochs and not stop_on_nan.message:
             histories.append(model.fit(dataset, initial_epoch=epoch, epochs=epochs, steps_per_epoch=steps, **common))
-    except KeyboardInterrupt:
-        manager.save("interrupted")
-        print(f"\ninterrupted: checkpoint saved in {manager.checkpoint_dir}; run the same command again to resume")
+    except KeyboardInterrupt as err:
+        what = f"stopped by {err.args[0]}" if isinstance(err, Interrupted) else "interrupted"
+        manager.save(what)
+        print(f"\n{what}: checkpoint saved in {manager.checkpoint_dir}; run the same command again to resume",
+              flush=True)
         raise
     if stop_on_nan.message:
         raise TrainingError(stop_on_nan.message)

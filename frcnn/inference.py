@@ -6,19 +6,24 @@ what ``tools/infer.py`` runs.
 - :func:`expand_inputs`: files, folders (their ``.jpg .jpeg .png .bmp`` files, sorted) and glob patterns -> paths.
 - :func:`detect_files`: batches of images through :meth:`FasterRCNN.detect`, one bad file never stops the others:
   each is reported (``on_error``) with the reason and skipped.
-- :func:`check_output_dir`, :func:`save_detections`: the output folder, checked before any work, and the
-  ``detections.json`` file. The printed table is :func:`frcnn.report.format_table`.
+- :func:`check_output_dir`, :func:`own_output_dir`, :func:`save_detections`: the output folder, checked before any
+  work and owned by one run at a time, and the ``detections.json`` file. The printed table is
+  :func:`frcnn.report.format_table`. Every file is written atomically (a temporary file renamed over the target), so
+  a symbolic link planted in the output folder is replaced, never written through.
 """
 
+import contextlib
 import dataclasses
 import glob
 import os
+import tempfile
 
 import keras
 import numpy as np
 
 from frcnn.data import DataError, load_image
 from frcnn.evaluation import save_json
+from frcnn.fileio import DirectoryLocked, lock_directory
 from frcnn.model import unpad_detections
 from frcnn.visualize import draw_detections, save_image
 
@@ -115,14 +120,27 @@ def check_output_dir(out_dir, json_name="detections.json"):
     target = os.path.join(out_dir, json_name)
     if os.path.isdir(target):
         raise OSError(f"--out {out_dir}: {target} is a folder, so {json_name} cannot be written")
-    # os.access is not enough (it ignores read-only mounts): really create and remove a file.
-    probe = os.path.join(out_dir, f".write-test-{os.getpid()}")
+    # os.access is not enough (it ignores read-only mounts): really create and remove a file. A new file with a
+    # random name (O_EXCL): nothing is written through a link planted at a predictable name.
     try:
-        with open(probe, "w", encoding="utf-8"):
-            pass
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out_dir)
+        os.close(fd)
         os.remove(probe)
     except OSError as err:
         raise OSError(f"--out {out_dir} is not writable ({err.strerror or err})") from None
+
+
+@contextlib.contextmanager
+def own_output_dir(out_dir):
+    """This run owns ``out_dir`` until the block ends (the work-directory lock of :func:`frcnn.fileio.lock_directory`,
+    file ``.lock``), or ``OSError`` naming the run that does: two runs writing one ``detections.json`` would lose
+    one run's results."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(lock_directory(out_dir, "infer run"))
+        except DirectoryLocked as err:
+            raise OSError(f"--out {err}") from None
+        yield
 
 
 # ------------------------------------------------------------------------------------------------- detection

@@ -21,7 +21,7 @@ import os
 import zipfile
 
 from frcnn import pretrained
-from frcnn.checkpoints import BEST_WEIGHTS, LAST_WEIGHTS, load_checkpoint
+from frcnn.checkpoints import BEST_WEIGHTS, LAST_WEIGHTS, intact_alternative, load_checkpoint
 from frcnn.config import ConfigError, load_config, resolve_config_path
 from frcnn.data import DataError, resolve_classes
 from frcnn.errors import TrainingError
@@ -69,8 +69,8 @@ def check_weights_file(path):
         with h5py.File(path, "r"):
             pass
     except OSError as err:  # h5py reports a truncated file ("truncated file: eof = ...") or a non-HDF5 file
-        raise TrainingError(f"checkpoint '{path}' is not a readable HDF5 weights file ({err}); is it complete?") \
-            from None
+        raise TrainingError(f"checkpoint '{path}' is not a readable HDF5 weights file ({err}); is it complete?"
+                            f"{intact_alternative(path)}") from None
 
 
 def _saved_classes(weights):

@@ -180,7 +180,8 @@ def make_optimizer(cfg, steps_per_epoch):
     loss_scaled = t.mixed_precision == "mixed_float16"
     plain = {"sgd": SGD, "adam": Adam}[t.optimizer]
     if keras.backend.backend() != "tensorflow":
-        return keras.optimizers.LossScaleOptimizer(plain(schedule, **common)) if loss_scaled else plain(schedule, **common)
+        optimizer = plain(schedule, **common)
+        return keras.optimizers.LossScaleOptimizer(optimizer) if loss_scaled else optimizer
     from frcnn import tf_optimizers
 
     # The outermost optimizer makes the replicas' decisions consistent under tf.distribute; with mixed_float16 that

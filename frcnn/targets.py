@@ -10,7 +10,7 @@ Shape shorthand
 - ``A``: anchors of the whole feature map (``H * W * k``, order of :mod:`frcnn.anchors`)
 - ``G``: ground-truth slots per image (``input.max_gt``), valid ones flagged by ``gt_valid (B, G)``
 - ``R``: proposals per image, valid ones flagged by ``proposal_valid (B, R)``
-- ``S``: ROIs sampled per image (``model.num_rois``)
+- ``S``: ROIs sampled per image (``roi_heads.num_rois``)
 - ``N``, ``M``: the two sides of a match: ``N`` candidates (anchors, proposals) against ``M`` ground-truth boxes
 
 Naming: ``gt_`` ground truth, ``proposal_`` RPN proposals, ``roi_`` sampled ROIs; ``_boxes`` are

@@ -1,40 +1,48 @@
-"""Export a trained detector as a TensorFlow SavedModel (TensorFlow only: imported on that backend) whose signatures take images and return detections.
+"""Export a trained detector as a TensorFlow SavedModel whose signatures take images and return detections.
+
+TensorFlow only: imported on that backend (``tools/export.py``).
 
 Signatures (``tf.saved_model.load(path).signatures[name]``):
 
 ``serving_default``: ``images`` (N,) tf.string, each an encoded image (JPEG, PNG, GIF first frame, BMP), any sizes
     -> ``boxes`` (N, D, 4) float32 ``(x1, y1, x2, y2)`` in each image's original pixels (clipped to the image, as
-    ``FasterRCNN.detect`` does), ``scores`` (N, D) float32,
+    ``frcnn.inference.detect`` does), ``scores`` (N, D) float32,
     ``classes`` (N, D) int32 class ids 1..C-1 (0 in padding rows), ``num_detections`` (N,) int32: the rows of
-    image ``i`` are ``[:num_detections[i]]``.
+    image ``i`` are ``[:num_detections[i]]``; ``decoded`` (N,) bool: False for a string that does not decode
+    (empty, truncated, not an image), which gets zero detections instead of failing the whole batch.
 ``detect_image``: ``image`` (H, W, 3) uint8 RGB -> the same for that one image, without the batch axis:
     ``boxes`` (D, 4), ``scores`` (D,), ``classes`` (D,), ``num_detections`` () int32.
 
-Class names: ``assets.extra/classes.txt`` (line ``k`` is class ``k``, line 0 the background) and the full
-resolved config in ``assets.extra/config.yaml``.
+Class names: ``assets.extra/classes.txt`` (line ``k`` is class ``k``, line 0 the background; no name holds a
+newline or another control character, those are refused when the data is read and again here, so lines cannot
+shift), the same list as a JSON array in ``assets.extra/classes.json``, and the full resolved config in
+``assets.extra/config.yaml``.
 
-Preprocessing is the model's ``transform`` (:meth:`frcnn.transform.ImageTransform.prepare_batch`) in graph ops, so an exported model gives the
-detections of ``model.detect`` (float tolerance): decode with ``channels=3`` (grayscale replicated, alpha dropped),
-one scale ``min(min_size / shorter side, max_size / longer side)`` computed in float64 as Python does, resized
-side ``floor(side * scale + 0.5)`` kept within ``[1, max_size]`` (``frcnn.transform.resize_params`` on tensors, via ``frcnn.data.tf_pipeline.resize_params_tf``), bilinear
+Preprocessing is the model's ``transform`` (:meth:`frcnn.transform.ImageTransform.prepare_batch`) in graph ops, so
+an exported model gives the detections of ``frcnn.inference.detect`` (float tolerance): decode with ``channels=3``
+(grayscale replicated, alpha dropped), one scale ``min(min_size / shorter side, max_size / longer side)`` computed
+in float64 as Python does, resized side ``floor(side * scale + 0.5)`` kept within ``[1, max_size]``
+(``frcnn.transform.resize_params`` on tensors, through ``frcnn.data.tf_pipeline.resize_params_tf``), bilinear
 ``tf.image.resize`` on float32 pixels, zero padding bottom / right to a multiple of ``input.size_divisibility`` (or
 to the fixed size with ``input.fixed_size``); boxes are divided by the scale. Not applied: the EXIF orientation
 of JPEG files (TensorFlow's decoder ignores it; ``frcnn.data.load_image`` applies it), so send upright pixels.
 """
 
+import json
 import math
 import os
-import shutil
-import tempfile
 
 import tensorflow as tf
 
-from frcnn.config import save_config
+from frcnn.config import ConfigError, class_name_problem, save_config
 from frcnn.data.tf_pipeline import resize_image, resize_params_tf
+from frcnn.fileio import release_temporary, remove_orphaned_directories, temporary_directory
 
 SERVING_SIGNATURE = "serving_default"
 IMAGE_SIGNATURE = "detect_image"
 EXTRA_DIR = "assets.extra"  # the SavedModel convention for files that are not part of the graph
+_TMP_PREFIX = ".export-"  # the SavedModel being written, beside --out
+_OLD_PREFIX = ".old-export-"  # the SavedModel being replaced
 
 
 class DetectorModule(tf.Module):
@@ -75,30 +83,53 @@ class DetectorModule(tf.Module):
         size = tf.shape(image)
         return tf.pad(image, [[0, height - size[0]], [0, width - size[1]], [0, 0]])
 
+    @staticmethod
+    def _decode(data):
+        image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
+        return tf.ensure_shape(image, [None, None, 3])
+
     def prepare_encoded(self, images):
-        """(N,) encoded images -> batch dict: ``images`` (N, Hp, Wp, 3) float32, ``image_sizes`` (N, 2) int32,
-        ``scales`` (N,) float32 (as ``prepare_batch``) and ``original_sizes`` (N, 2) int32 (height, width)."""
+        """(N,) encoded images -> batch dict of the K images that decode: ``images`` (K, Hp, Wp, 3) float32,
+        ``image_sizes`` (K, 2) int32, ``scales`` (K,) float32 (as ``prepare_batch``), ``original_sizes`` (K, 2) int32
+        (height, width), plus ``index`` (K,) int32, their positions in ``images``, and ``decoded`` (N,) bool.
+
+        Each string is decoded in a ``tf.data`` pipeline that drops the ones that fail (``ignore_errors``): a graph
+        cannot catch an error otherwise, and one bad string would fail the whole batch with TensorFlow's generic
+        message. With no decodable image, the batch holds one black placeholder (``index`` stays empty)."""
         count = tf.shape(images)[0]
-        resized = tf.TensorArray(tf.float32, size=count, infer_shape=False, element_shape=[None, None, 3])
-        sizes = tf.TensorArray(tf.int32, size=count, element_shape=[2])
-        scales = tf.TensorArray(tf.float32, size=count, element_shape=[])
-        originals = tf.TensorArray(tf.int32, size=count, element_shape=[2])
-        for i in tf.range(count):
-            image = tf.io.decode_image(images[i], channels=3, dtype=tf.uint8, expand_animations=False)
-            image = tf.ensure_shape(image, [None, None, 3])
-            originals = originals.write(i, tf.shape(image)[:2])
+        decoded = tf.data.Dataset.from_tensor_slices((tf.range(count), images)).map(
+            lambda i, data: (i, self._decode(data))).ignore_errors()
+        index = tf.TensorArray(tf.int32, size=0, dynamic_size=True, element_shape=[])
+        resized = tf.TensorArray(tf.float32, size=0, dynamic_size=True, infer_shape=False,
+                                 element_shape=[None, None, 3])
+        sizes = tf.TensorArray(tf.int32, size=0, dynamic_size=True, element_shape=[2])
+        scales = tf.TensorArray(tf.float32, size=0, dynamic_size=True, element_shape=[])
+        originals = tf.TensorArray(tf.int32, size=0, dynamic_size=True, element_shape=[2])
+        k = tf.constant(0)
+        for i, image in decoded:
+            index = index.write(k, i)
+            originals = originals.write(k, tf.shape(image)[:2])
             image, size, scale = self.resize(image)
-            resized = resized.write(i, image)
-            sizes = sizes.write(i, size)
-            scales = scales.write(i, scale)
+            resized = resized.write(k, image)
+            sizes = sizes.write(k, size)
+            scales = scales.write(k, scale)
+            k += 1
+        index = index.stack()
+        if k == 0:  # nothing decodes: one placeholder keeps the model's batch non-empty; its rows are dropped
+            image, size, scale = self.resize(tf.zeros([1, 1, 3], tf.uint8))
+            resized = resized.write(0, image)
+            sizes = sizes.write(0, size)
+            scales = scales.write(0, scale)
+            originals = originals.write(0, tf.constant([1, 1]))
         sizes = sizes.stack()
         height = self._padded_side(tf.reduce_max(sizes[:, 0]))
         width = self._padded_side(tf.reduce_max(sizes[:, 1]))
-        batch = tf.TensorArray(tf.float32, size=count, element_shape=[None, None, 3])
-        for i in tf.range(count):
-            batch = batch.write(i, self._pad(resized.read(i), height, width))
+        batch = tf.TensorArray(tf.float32, size=tf.shape(sizes)[0], element_shape=[None, None, 3])
+        for j in tf.range(tf.shape(sizes)[0]):
+            batch = batch.write(j, self._pad(resized.read(j), height, width))
+        decoded_mask = tf.scatter_nd(index[:, None], tf.ones_like(index, tf.bool), [count])
         return {"images": batch.stack(), "image_sizes": sizes, "scales": scales.stack(),
-                "original_sizes": originals.stack()}
+                "original_sizes": originals.stack(), "index": index, "decoded": decoded_mask}
 
     def prepare_image(self, image):
         """One uint8 (H, W, 3) image -> the batch dict of :meth:`prepare_encoded` with N = 1."""
@@ -119,7 +150,17 @@ class DetectorModule(tf.Module):
         }
 
     def _serve_encoded(self, images):
-        return self._run(self.prepare_encoded(images))
+        batch = self.prepare_encoded(images)
+        index, decoded = batch.pop("index"), batch.pop("decoded")
+        out = self._run(batch)
+        count, k = tf.shape(images)[0], tf.shape(index)[0]
+
+        def to_input_rows(value):  # the K decoded images' rows back at their positions; zeros elsewhere
+            return tf.scatter_nd(index[:, None], value[:k], tf.concat([[count], tf.shape(value)[1:]], 0))
+
+        result = {key: to_input_rows(value) for key, value in out.items()}
+        result["decoded"] = decoded
+        return result
 
     def _detect_image(self, image):
         out = self._run(self.prepare_image(image))
@@ -131,18 +172,24 @@ def export_saved_model(model, out_dir, cfg=None):
     resolved config ``cfg`` (when given) in ``assets.extra/config.yaml``.
 
     The SavedModel is written beside ``out_dir`` first and moved into place, so an interrupted export leaves no
-    half-written model. An existing SavedModel (or empty folder) at ``out_dir`` is replaced; any other existing
-    path is refused with ``FileExistsError``. Returns the absolute path.
+    half-written model (and the next export removes the temporary folder of one that was killed). An existing
+    SavedModel (or empty folder) at ``out_dir`` is replaced; any other existing path is refused with
+    ``FileExistsError``. Returns the absolute path.
     """
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir):
         is_saved_model = os.path.isfile(os.path.join(out_dir, "saved_model.pb"))
         if not os.path.isdir(out_dir) or (os.listdir(out_dir) and not is_saved_model):
             raise FileExistsError(f"{out_dir} exists and is not a SavedModel; choose another output folder")
+    for name in list(model.class_names)[1:]:  # the background (0) is ours
+        problem = class_name_problem(name)
+        if problem:  # refused when the data is read; checked again because classes.txt holds one name per line
+            raise ConfigError(f"class name {problem}: it cannot be written one name per line")
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
-    try:
+    remove_orphaned_directories(parent, _TMP_PREFIX)  # left by an export that was killed
+    remove_orphaned_directories(parent, _OLD_PREFIX)
+    with temporary_directory(parent, _TMP_PREFIX) as tmp:
         module = DetectorModule(model)
         signatures = {
             SERVING_SIGNATURE: module.serve_encoded.get_concrete_function(),
@@ -151,21 +198,21 @@ def export_saved_model(model, out_dir, cfg=None):
         tf.saved_model.save(module, tmp, signatures=signatures)
         extra = os.path.join(tmp, EXTRA_DIR)
         os.makedirs(extra, exist_ok=True)
+        names = list(model.class_names)
         with open(os.path.join(extra, "classes.txt"), "w", encoding="utf-8") as f:
-            f.write("\n".join(model.class_names) + "\n")
+            f.write("\n".join(names) + "\n")
+        with open(os.path.join(extra, "classes.json"), "w", encoding="utf-8") as f:
+            json.dump(names, f, ensure_ascii=False)
         if cfg is not None:
             save_config(cfg, os.path.join(extra, "config.yaml"))
             os.chmod(os.path.join(extra, "config.yaml"), 0o644)  # save_config writes through a private temp file
-        os.chmod(tmp, 0o755)  # mkdtemp makes the folder private; an exported model is meant to be shared
+        os.chmod(tmp, 0o755)  # an exported model is meant to be shared
         if os.path.exists(out_dir):
-            old = tempfile.mkdtemp(prefix=".old-export-", dir=parent)
-            os.rename(out_dir, os.path.join(old, "model"))
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
+            with temporary_directory(parent, _OLD_PREFIX) as old:
+                os.rename(out_dir, os.path.join(old, "model"))  # a link at out_dir is moved, not followed
+                os.rename(tmp, out_dir)
         else:
             os.rename(tmp, out_dir)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+        release_temporary(out_dir)
     return out_dir
 

@@ -1,7 +1,11 @@
 """Drawing detections on images with OpenCV (RGB uint8 arrays in, RGB uint8 arrays out)."""
 
+import os
+
 import cv2
 import numpy as np
+
+from frcnn.fileio import atomic_write_bytes
 
 
 def _colour(class_id):
@@ -52,7 +56,16 @@ def draw_confident(image, detection, class_names, min_score=0.5):
 
 
 def save_image(path, image):
-    """Write an RGB uint8 image (JPEG or PNG by extension); raises OSError naming the path on failure."""
-    if not cv2.imwrite(path, cv2.cvtColor(np.asarray(image, np.uint8), cv2.COLOR_RGB2BGR)):
-        raise OSError(f"could not write image '{path}'")
+    """Write an RGB uint8 image (JPEG or PNG by extension); raises OSError naming the path on failure.
+
+    Encoded in memory and written atomically (:func:`frcnn.fileio.atomic_write_bytes`): a symbolic link already at
+    ``path`` is replaced, never written through, and a reader never sees half an image."""
+    ext = os.path.splitext(os.fspath(path))[1].lower() or ".png"
+    try:
+        ok, data = cv2.imencode(ext, cv2.cvtColor(np.asarray(image, np.uint8), cv2.COLOR_RGB2BGR))
+    except cv2.error:
+        ok = False
+    if not ok:
+        raise OSError(f"could not encode image '{path}' (extension {ext})")
+    atomic_write_bytes(path, data.tobytes())
     return path

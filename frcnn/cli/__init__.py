@@ -13,8 +13,9 @@ What they share:
 - :func:`setup_logging`: one format for every tool, chatty libraries held at WARNING;
 - :func:`run`: the exit codes. A problem the user can fix (:class:`ConfigError`, :class:`DataError`,
   :class:`TrainingError`, and whatever else the tool names, e.g. ``OSError`` for an output folder) prints
-  ``error: <message>`` on stderr and gives 2; Ctrl-C gives 130 (128 + SIGINT), without a traceback. Anything else is
-  a bug and keeps its traceback.
+  ``error: <message>`` on stderr and gives 2; Ctrl-C gives 130 (128 + SIGINT), and a SIGTERM that training turned
+  into a checkpoint and a clean stop (``frcnn.engine.Interrupted``) 143 (128 + SIGTERM), without a traceback.
+  Anything else is a bug and keeps its traceback.
 
 Importing this package sets ``TF_CPP_MIN_LOG_LEVEL=2`` (unless it is set already) before anything here can import
 TensorFlow: ``import frcnn`` imports neither Keras nor TensorFlow, so the line below runs first.
@@ -23,6 +24,7 @@ TensorFlow: ``import frcnn`` imports neither Keras nor TensorFlow, so the line b
 import argparse
 import logging
 import os
+import signal
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported: its C++ start-up chatter
@@ -79,10 +81,10 @@ def error(message):
 
 def run(body, also=()):
     """``body()``'s exit code; 2 with the message for :data:`USER_ERRORS` and the exception types in ``also``, 130
-    on Ctrl-C."""
+    on Ctrl-C (128 + the signal's number when the interruption carries one, e.g. 143 for SIGTERM)."""
     try:
         return body()
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as err:
+        return 128 + int(getattr(err, "signum", signal.SIGINT))  # 130 (EXIT_INTERRUPTED) for Ctrl-C
     except USER_ERRORS + tuple(also) as err:
         return error(err)

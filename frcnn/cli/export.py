@@ -6,9 +6,10 @@ In a checkout, ``python tools/export.py`` takes the same arguments.
 
 Signatures: serving_default takes a 1-D string tensor of encoded images (JPEG, PNG, BMP, GIF), detect_image one
 H x W x 3 uint8 RGB image; both return boxes (x1, y1, x2, y2 in original pixels), scores, classes and
-num_detections. Class names are in DIR/assets.extra/classes.txt. The EXIF orientation of JPEG files is not applied
-(TensorFlow's decoder ignores it): send upright images. The config defaults to the run's config.yaml beside the
-weights. Exit code 0 on success, 2 on an error.
+num_detections (serving_default also decoded: false for a string that does not decode, which gets no detections
+instead of failing the batch). Class names are in DIR/assets.extra/classes.txt (and classes.json). The EXIF
+orientation of JPEG files is not applied (TensorFlow's decoder ignores it): send upright images. The config
+defaults to the run's config.yaml beside the weights. Exit code 0 on success, 2 on an error.
 
     import tensorflow as tf
     detector = tf.saved_model.load(DIR)
@@ -25,7 +26,7 @@ def parse_args(argv):
     cli.add_weights(parser)
     cli.add_config(parser)
     parser.add_argument("--out", required=True, help="folder of the SavedModel (replaced if it holds one)")
-    cli.add_overrides(parser, "model.score_thresh=0.3")
+    cli.add_overrides(parser, "roi_heads.score_thresh=0.3")
     return parser.parse_args(argv)
 
 
@@ -37,7 +38,7 @@ def _export(args):
     path = export.export_saved_model(model, args.out, cfg)
     print(f"SavedModel: {path}")
     print(f"  {export.SERVING_SIGNATURE}: images (N,) string (encoded images) -> boxes, scores, classes, "
-          "num_detections")
+          "num_detections, decoded (false: the image did not decode, no detections)")
     print(f"  {export.IMAGE_SIGNATURE}: image (H, W, 3) uint8 RGB -> boxes, scores, classes, num_detections")
     print(f"  classes: {', '.join(cfg.data.classes)} (ids 1..{len(cfg.data.classes)}; "
           f"{export.EXTRA_DIR}/classes.txt)")

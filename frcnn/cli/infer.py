@@ -26,11 +26,11 @@ def parse_args(argv):
     parser.add_argument("--out", default=os.path.join("runs", "infer"),
                         help="output folder for annotated images and detections.json (default: runs/infer)")
     parser.add_argument("--score-thresh", type=float, default=0.5,
-                        help="keep detections scoring at least this (default: 0.5); lowers model.score_thresh "
+                        help="keep detections scoring at least this (default: 0.5); lowers roi_heads.score_thresh "
                              "when below it")
     parser.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: "
                                                                      "eval.batch_size of the config)")
-    cli.add_overrides(parser, "model.max_detections=50")
+    cli.add_overrides(parser, "roi_heads.max_detections=50")
     args = parser.parse_args(argv)
     if not 0.0 <= args.score_thresh <= 1.0:
         parser.error(f"--score-thresh must be in [0, 1], got {args.score_thresh}")
@@ -40,10 +40,17 @@ def parse_args(argv):
 
 
 def _infer(args):
+    from frcnn import inference
+
+    inference.check_output_dir(args.out)  # before the model and the images: fail in a second, not at the end
+    with inference.own_output_dir(args.out):  # a second infer run into the same --out is refused
+        return _infer_owned(args)
+
+
+def _infer_owned(args):
     from frcnn import inference, loading
     from frcnn.report import format_table
 
-    inference.check_output_dir(args.out)  # before the model and the images: fail in a second, not at the end
     model, cfg, config_path = loading.load_trained_model(args.weights, args.config, args.overrides,
                                                          score_thresh=args.score_thresh)
     paths, problems = inference.expand_inputs(args.images)

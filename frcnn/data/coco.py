@@ -17,11 +17,12 @@ import os
 
 import numpy as np
 
-from frcnn.config import data_roots
+from frcnn.config import class_name_problem, data_roots
 from frcnn.data.imageio import TRUNCATED_ACTION, ImageProblem, inspect_image, reconcile_size, truncated_problem
 from frcnn.data.records import (DataError, IssueCollector, RecordList, Report, check_boxes, io_workers,
                                 make_record, optional_int)
 from frcnn.data.voc import check_root
+from frcnn.fileio import is_within
 
 
 def coco_paths(root, split):
@@ -63,6 +64,9 @@ def _categories(data, path):
             cats[int(c["id"])] = str(c["name"])
         except (KeyError, TypeError, ValueError):
             raise DataError(f"annotation file {path}: malformed category {c!r}") from None
+        problem = class_name_problem(cats[int(c["id"])])
+        if problem:  # the class list is the categories: a bad name cannot be dropped without shifting the ids
+            raise DataError(f"annotation file {path}: category id {c['id']} cannot be a class name: {problem}")
     return dict(sorted(cats.items()))
 
 
@@ -116,6 +120,11 @@ def load_coco(cfg, split, class_names=None, report=None):
             continue
         if image_id in images:
             report.warn(ann_path, f"duplicate image id: {image_id}", "first entry used")
+            continue
+        if "\0" in file_name or not is_within(file_name, image_dir):
+            # ../x.jpg or /etc/passwd: nothing outside the dataset is opened (or quoted in the log).
+            report.skip(ann_path, f"image path outside the image folder: file_name {file_name!r} of image id "
+                        f"{image_id} leaves {image_dir}", "image refused")
             continue
         images[image_id] = entry
 

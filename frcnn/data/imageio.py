@@ -110,7 +110,10 @@ def inspect_image(path):
             magic = f.read(12)
             kind = _sniff(magic)
             if kind is None:
-                raise UnknownFormat(f"not a JPEG, PNG, GIF, BMP or WebP image (file starts with {magic[:8]!r})")
+                # The file's bytes are not quoted: a path that reaches outside the data (a hostile annotation)
+                # must not copy what it reads into the log.
+                raise UnknownFormat(f"not a JPEG, PNG, GIF, BMP or WebP image ({size} bytes with no image "
+                                    "signature)")
             f.seek(0)
             try:
                 with Image.open(f, formats=["JPEG", "MPO"] if kind == "JPEG" else [kind]) as image:

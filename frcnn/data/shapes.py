@@ -11,22 +11,24 @@ One image in 25 has no object at all (background-only images are valid training 
 Everything is a function of :class:`frcnn.config.SyntheticConfig` (seed, sizes, counts) and the split names: each
 image has its own random generator seeded by ``(seed, split, index)``, so the files are identical on every machine.
 Generation writes into a temporary directory beside ``data.root`` and renames it into place, so an interrupted run
-never leaves a half dataset; a ``shapes.json`` manifest records the parameters and is checked before re-use.
+never leaves a half dataset (and the next run removes the temporary folder a killed one left); a ``shapes.json``
+manifest records the parameters and is checked before re-use.
 """
 
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 
 from frcnn.data.records import DataError, logger
+from frcnn.fileio import release_temporary, remove_orphaned_directories, temporary_directory
 
 SHAPE_CLASSES = ("circle", "square", "triangle")
 MANIFEST = "shapes.json"
 _VERSION = 1
+_TMP_PREFIX = ".shapes-tmp-"  # beside data.root while generating
+_OLD_PREFIX = ".shapes-old-"  # beside data.root while replacing a stale dataset
 _EMPTY_EVERY = 25  # image i of a split has no object when i % 25 == 12 (4% of images)
 _PALETTE = np.array([
     (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
@@ -240,24 +242,23 @@ def ensure_shapes(cfg):
                             "remove it or point data.root elsewhere")
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
+    # The temporary folders of a generation that was killed (their owner's lock is gone): 20+ MB each otherwise.
+    for orphan in remove_orphaned_directories(parent, _TMP_PREFIX) + remove_orphaned_directories(parent, _OLD_PREFIX):
+        logger.info("removed %s, left by an interrupted shapes generation", orphan)
     logger.info("generating the shapes dataset in %s (%d train, %d val images of %d px)", root,
                 params["num_train"], params["num_val"], params["image_size"])
-    tmp = tempfile.mkdtemp(prefix=".shapes-tmp-", dir=parent)
-    old = None
-    try:
+    # An owned temporary folder, with the permissions of an ordinary new folder (not mkdtemp's private 0700).
+    with temporary_directory(parent, _TMP_PREFIX) as tmp, temporary_directory(parent, _OLD_PREFIX) as old:
         _write(tmp, params)
         if os.path.exists(root):  # a stale or incomplete generated dataset, or an empty directory
-            old = tempfile.mkdtemp(prefix=".shapes-old-", dir=parent)
             os.rename(root, os.path.join(old, "data"))
         try:
             os.rename(tmp, root)
         except OSError:
             if not _is_complete(root, params):  # another process did not just finish the same work
                 raise
-    finally:
-        for leftover in (tmp, old):
-            if leftover and os.path.exists(leftover):
-                shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            release_temporary(root)
     return root
 
 

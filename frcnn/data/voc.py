@@ -18,10 +18,11 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 
-from frcnn.config import data_roots
+from frcnn.config import class_name_problem, data_roots
 from frcnn.data.imageio import TRUNCATED_ACTION, ImageProblem, inspect_image, reconcile_size, truncated_problem
 from frcnn.data.records import (DataError, IssueCollector, RecordList, Report, check_boxes, class_index,
                                 io_workers, logger, make_record)
+from frcnn.fileio import is_within
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG", ".bmp", ".gif", ".webp")
 _COORDS = ("xmin", "ymin", "xmax", "ymax")
@@ -128,6 +129,10 @@ def _parse_xml(xml_path, issues):
         if not name:
             issues.warn(xml_path, f"missing <name>: object {index}", "box dropped")
             continue
+        problem = class_name_problem(name)
+        if problem:  # a newline in a name would shift every later id of a file of names
+            issues.warn(xml_path, f"class name with control characters: object {index}, {problem}", "box dropped")
+            continue
         difficult_text = _text(obj, "difficult")
         try:
             difficult = bool(int(float(difficult_text))) if difficult_text else False
@@ -178,10 +183,16 @@ def _find_image(root, image_id, filename):
     return os.path.join(directory, candidates[0])
 
 
-def _index_image(root, image_id, inspect=True):
+def _index_image(root, image_id, inspect=True, split=None):
     """Parse one annotation and check its image (runs in a worker thread). Returns ``(item or None, issues)``."""
     issues = IssueCollector()
     xml_path = os.path.join(root, "Annotations", image_id + ".xml")
+    inside = all(is_within(image_id, os.path.join(root, sub)) for sub in ("Annotations", "JPEGImages"))
+    if "\0" in image_id or not inside:
+        # An id like ../../etc/passwd in a split file: nothing outside the dataset is opened (or quoted in the log).
+        issues.skip(split_file(root, split) if split else root,
+                    f"image path outside the dataset: image id {image_id!r} leaves {root}", "image refused")
+        return None, issues.issues
     parsed = _parse_xml(xml_path, issues)
     if parsed is None:
         return None, issues.issues
@@ -233,7 +244,7 @@ def _index(roots, split, report, inspect=True):
     for root in roots:
         ids = read_split_ids(root, split)
         with concurrent.futures.ThreadPoolExecutor(io_workers()) as pool:
-            for item, issues in pool.map(lambda i: _index_image(root, i, inspect), ids):
+            for item, issues in pool.map(lambda i: _index_image(root, i, inspect, split), ids):
                 report.add(issues)  # in list order: strict mode raises for the first bad file
                 if item is not None:
                     items.append(item)

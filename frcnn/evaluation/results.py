@@ -123,6 +123,13 @@ def _entry_problem(r, images, categories):
         return f"score {score!r} is not a number"
     if not math.isfinite(score):
         return f"score {score} is not finite"
+    if not 0.0 <= score <= 1.0 + 1e-6:  # a confidence (float32 rounding aside); above 1 it outranks all others
+        return f"score {score} is outside [0, 1]"
+    for key in ("image_id", "category_id"):
+        if isinstance(r[key], bool):  # True == 1 in Python: it would be scored as id 1
+            return f"{key} {r[key]!r} is a boolean, not an id"
+        if not isinstance(r[key], (int, float, str)):
+            return f"{key} {str(r[key])[:40]} is not an id"
     if r["image_id"] not in images:
         return f"image_id {r['image_id']!r} is not in the annotation file"
     if r["category_id"] not in categories:
@@ -137,7 +144,8 @@ def _check_results(results, path, coco_gt):
     detection is NaN counts as having no false positive), a negative width gives a negative area, a string score
     fails deep inside its sort. So each entry is checked here (4 finite numbers with a positive width and height, a
     finite numeric score, an image and a category the annotation file has) and the file is refused, naming the first
-    bad entries and how many there are.
+    bad entries and how many there are. So are scores outside ``[0, 1]``, boolean ids (``true`` would be scored as
+    id 1) and exact duplicates of an earlier entry (scored as a false positive).
     """
     if not isinstance(results, list):
         raise ValueError(f"results file '{path}' must hold a JSON list of detections (COCO results format), "
@@ -145,8 +153,16 @@ def _check_results(results, path, coco_gt):
     categories = set(coco_gt.getCatIds())
     images = set(coco_gt.getImgIds())
     bad = []
+    first_seen = {}
     for i, r in enumerate(results):
         problem = _entry_problem(r, images, categories)
+        if problem is None:
+            # The same detection twice counts as a true positive and a false positive: it changes AP.
+            key = (r["image_id"], r["category_id"], tuple(r["bbox"]), r["score"])
+            if key in first_seen:
+                problem = f"duplicate of entry {first_seen[key]}"
+            else:
+                first_seen[key] = i
         if problem:
             bad.append((i, problem))
     if bad:
