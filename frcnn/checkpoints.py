@@ -16,8 +16,8 @@ step resumed from is the one the weights file holds (the optimizer's ``iteration
 ``state.json``, so a kill between the two renames cannot shift it. A resume is checked against the ``config.yaml``
 the checkpoint was made with (:func:`check_resume_config`: another class list is refused, other changes listed),
 and a damaged checkpoint names the intact one beside it (:func:`intact_alternative`). The training job owns the
-work directory (:func:`own_workdir`, a kernel lock that dies with the process), and a checkpoint that does not fit on the disk
-stops the run with a message, keeping the old one.
+work directory (:func:`own_workdir`, a kernel lock that dies with the process), and a checkpoint that does not fit
+on the disk stops the run with a message, keeping the old one.
 
 Owns: files of the work directory. Must not import the training job, the data pipeline or TensorFlow (the finite
 check compiles with the backend's own compiler, imported under that backend only).

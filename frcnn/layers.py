@@ -102,10 +102,10 @@ class ProposalLayer(NoAutocastLayer):
     (``training=True`` uses the ``*_train`` values, anything else the ``*_test`` values).
 
     Per image: the ``min(pre_nms_topk, A)`` anchors of highest objectness logit; decode their deltas
-    (the RPN's ``box_coder``, a :class:`frcnn.boxes.BoxCoder`); clip to that image's true size; drop empty boxes and boxes
-    whose shorter side is below ``min_size``; greedy NMS at ``nms_thresh`` (a box is suppressed by a higher-scored
-    kept box when IoU > ``nms_thresh``); keep the first ``post_nms_topk``, sorted by logit descending; pad with
-    zero boxes and ``valid=False``. The outputs are detached (``stop_gradient``): proposals are treated as fixed
+    (the RPN's ``box_coder``, a :class:`frcnn.boxes.BoxCoder`); clip to that image's true size; drop empty boxes and
+    boxes whose shorter side is below ``min_size``; greedy NMS at ``nms_thresh`` (a box is suppressed by a
+    higher-scored kept box when IoU > ``nms_thresh``); keep the first ``post_nms_topk``, sorted by logit descending;
+    pad with zero boxes and ``valid=False``. The outputs are detached (``stop_gradient``): proposals are treated as fixed
     inputs of the second stage, as in Faster R-CNN's approximate joint training.
     """
 
@@ -207,8 +207,8 @@ class DetectionLayer(NoAutocastLayer):
     int32. Entries ``>= num_detections`` are zero (class 0 included).
 
     Per image and per foreground class (as Detectron2's ``fast_rcnn_inference``): decode the class's deltas on
-    the proposal (the ROI heads' ``box_coder``), clip to the image, keep ``score > score_thresh``, greedy NMS within the class
-    (suppress IoU > ``nms_thresh``); then the ``D`` best across classes, sorted by score descending. Invalid
+    the proposal (the ROI heads' ``box_coder``), clip to the image, keep ``score > score_thresh``, greedy NMS within
+    the class (suppress IoU > ``nms_thresh``); then the ``D`` best across classes, sorted by score descending. Invalid
     (padded) proposals never produce detections: their scores are set to -inf before thresholding.
     """
 
