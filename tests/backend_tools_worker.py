@@ -51,8 +51,8 @@ def main(workdir):
     state = json.load(open(os.path.join(run, "checkpoints", "state.json")))
     result["resume"] = {"code": code, "seconds": seconds, "state": state,
                         "resumed": "resuming from" in printed and "global step 4" in printed}
-    images = sorted(os.path.join("data/shapes_test/val/JPEGImages", n)
-                    for n in os.listdir("data/shapes_test/val/JPEGImages"))
+    with open("data/shapes_test/ImageSets/Main/val.txt", encoding="utf-8") as f:
+        images = [os.path.join("data/shapes_test/JPEGImages", line.strip() + ".jpg") for line in f if line.strip()]
     weights = os.path.join(run, "checkpoints", "last.weights.h5")
     code, seconds, _ = _run(infer, images + ["--weights", weights, "--out", os.path.join(workdir, "infer"),
                                              "--score-thresh", "0.0"])

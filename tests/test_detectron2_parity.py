@@ -199,7 +199,7 @@ def test_proposals_match_detectron2(parity):
     model, _, ref = parity
     batch = make_batch()
     sizes = keras.ops.convert_to_tensor(batch["image_sizes"])
-    features = model.trunk(model.normalize_images(batch["images"], sizes), training=True)
+    features = model.trunk(model.transform.normalize(batch["images"], sizes), training=True)
     proposals, valid, _ = model.rpn(features, sizes, None, training=True)
     mine = np.asarray(proposals)[0][np.asarray(valid)[0]]
     np.testing.assert_allclose(mine, np.asarray(ref["sampled"]["proposals"]), rtol=0, atol=2e-3)

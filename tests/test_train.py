@@ -34,7 +34,7 @@ def test_learning_generalises_to_held_out_images(trained_shapes):
     labelled at random."""
     cfg, _, result, workdir = trained_shapes
     loss = result["history"]["loss"]
-    assert loss[-1] < loss[0] * 0.7, loss  # epoch means
+    assert all(later < earlier for earlier, later in zip(loss, loss[1:])) and loss[-1] < 0.9 * loss[0], loss
     metrics = result["metrics"]
     assert metrics["num_images"] == cfg.data.synthetic.num_val
     assert metrics["AP50"] > 0.15, {k: metrics[k] for k in ("AP", "AP50", "voc07_mAP50")}
