@@ -19,6 +19,7 @@ import threading
 import keras
 
 from frcnn import checkpoints, evaluation, optim
+from frcnn import workdir as workdir_lib
 from frcnn import data as data_lib
 from frcnn.callbacks import EvaluationCallback, StopOnNonFinite, TimeLeft
 from frcnn.config import save_config
@@ -72,7 +73,7 @@ def train(cfg, workdir, verbose=1):
     # First, before any TensorFlow op: a multi-worker strategy configures the runtime's collectives at creation.
     distribution = make_distribution(cfg)
     # Before anything is written there: two runs in one work directory overwrite each other's checkpoints.
-    with checkpoints.own_workdir(workdir, distribution.is_chief), stop_on_signals():
+    with workdir_lib.own_workdir(workdir, distribution.is_chief), stop_on_signals():
         return _train(cfg, workdir, distribution, verbose)
 
 
@@ -137,27 +138,56 @@ def _load_splits(cfg):
 
 def _train(cfg, workdir, distribution, verbose):
     keras.utils.set_random_seed(cfg.train.seed)
-    chief = distribution.is_chief
     if cfg.train.batch_size % distribution.num_replicas:
         raise TrainingError(
             f"train.batch_size={cfg.train.batch_size} is the global batch and must be a multiple of the "
             f"{distribution.num_replicas} replicas of train.strategy={cfg.train.strategy}"
         )
     cfg, train_records, val_records = _load_splits(cfg)
-    class_names = cfg.data.classes
-
-    checkpoint_dir = os.path.join(workdir, "checkpoints")
-    if chief:
-        remove_stale_temporaries(checkpoint_dir)  # left by a run killed while writing a checkpoint
-    state = checkpoints.read_state(checkpoint_dir)
-    resume = checkpoints.has_checkpoint(checkpoint_dir)
-    if resume and chief:
-        # A different class list is refused, other changes listed, before anything in the work directory changes.
-        checkpoints.check_resume_config(workdir, cfg)
     steps = steps_per_epoch(cfg, len(train_records))
+    checkpoint_dir = os.path.join(workdir, workdir_lib.CHECKPOINT_DIR)
+    state = _check_resume(cfg, workdir, checkpoint_dir, distribution, steps, len(train_records))
+    model, state = _build(cfg, workdir, checkpoint_dir, distribution, steps, state)
+    # The GLOBAL batch: fit splits it across the replicas.
+    dataset = distribution.distribute_dataset(
+        data_lib.build_dataset(cfg, train_records, training=True, batch_size=cfg.train.batch_size))
+    callbacks, evaluator, manager, stop_on_nan = _callbacks(cfg, workdir, checkpoint_dir, distribution,
+                                                            val_records, steps, state, verbose)
+    histories = fit_resumable(
+        model, dataset, cfg.train.epochs, steps, callbacks, manager, stop_on_nan,
+        start_step=int(state["global_step"]) if state else 0, verbose=verbose,
+    )
+    history = {}
+    for h in histories:
+        for key, values in h.history.items():
+            history.setdefault(key, []).extend(float(v) for v in values)
+    result = {"history": history, "metrics": None, "prediction_image": None}
+    if val_records and distribution.is_chief:
+        metrics = evaluator.last_metrics if evaluator and evaluator.last_metrics else None
+        if metrics is None:
+            metrics, _ = evaluate_records(model, cfg, val_records, cfg.data.classes,
+                                          getattr(val_records, "category_ids", None), cfg.train.val_max_images,
+                                          verbose=verbose)
+        result["metrics"] = metrics
+        evaluation.save_json(metrics, os.path.join(workdir, "val_metrics.json"))
+        result["prediction_image"] = _annotate_example(model, val_records, workdir)
+    return model, result
+
+
+def _check_resume(cfg, workdir, checkpoint_dir, distribution, steps, num_images):
+    """The state of the checkpoint to resume from (None to start afresh), once every check has passed: the same
+    class list as the checkpoint's (other changes are listed), the same steps per epoch, and under multi-worker
+    training the same decisions on every worker. Nothing in the work directory changes before."""
+    if distribution.is_chief:
+        remove_stale_temporaries(checkpoint_dir)  # left by a run killed while writing a checkpoint
+    resume = checkpoints.has_checkpoint(checkpoint_dir)
+    state = checkpoints.read_state(checkpoint_dir)
+    if resume and distribution.is_chief:
+        # A different class list is refused, other changes listed, before anything in the work directory changes.
+        workdir_lib.check_resume_config(workdir, cfg)
     # Multi-worker: every worker must resume (from a shared --workdir) or not, and cut the same epochs.
     distribution.check_workers_agree(
-        [int(resume), steps, len(train_records)],
+        [int(resume), steps, num_images],
         "whether to resume from a checkpoint, the steps per epoch and the number of training images",
     )
     if state and state.get("steps_per_epoch") not in (None, steps):
@@ -165,7 +195,14 @@ def _train(cfg, workdir, distribution, verbose):
             f"{checkpoint_dir}: the checkpoint was made with {state['steps_per_epoch']} steps per epoch, this run "
             f"has {steps}; resume with the same data and train.batch_size/steps_per_epoch, or use a new --workdir"
         )
+    return (state or {}) if resume else None
 
+
+def _build(cfg, workdir, checkpoint_dir, distribution, steps, state):
+    """The compiled model, restored from the checkpoint when ``state`` is not None: ``(model, state)``, the state
+    then with the step the weights hold. Writes the resolved config.yaml only now (a refused run leaves the one
+    its checkpoint was made with, which tools/infer.py reads)."""
+    resume = state is not None
     # Variables (model, optimizer) are created and restored inside the scope, so they are mirrored on every replica.
     with distribution.scope():
         # model.backbone_weights may name Detectron2 weights (R-50.pkl, a zoo detector): build_model loads them.
@@ -178,10 +215,8 @@ def _train(cfg, workdir, distribution, verbose):
             # The step comes from the weights (state.json is checked against them): see restore_checkpoint.
             state = checkpoints.restore_checkpoint(model, checkpoint_dir, steps, state)
             print(f"resuming from {checkpoint_dir}: epoch {state['epoch']}, global step {state['global_step']}")
-    if chief:
-        # Only now, with every check passed and the checkpoint restored: a refused resume leaves the config.yaml
-        # its checkpoint was made with (tools/infer.py reads it).
-        save_config(cfg, os.path.join(workdir, checkpoints.CONFIG_NAME))
+    if distribution.is_chief:
+        save_config(cfg, os.path.join(workdir, workdir_lib.CONFIG_NAME))
     if resume:
         distribution.check_workers_agree([state["global_step"]], "the checkpoint step to resume from")
     if distribution.description:
@@ -189,21 +224,24 @@ def _train(cfg, workdir, distribution, verbose):
               f"{optim.learning_rate(cfg):g}")
     if cfg.train.jit_compile and not cfg.input.fixed_size:
         log.warning("train.jit_compile without input.fixed_size: XLA compiles again for every new padded batch shape")
+    return model, state
 
-    # The GLOBAL batch: fit splits it across the replicas.
-    dataset = distribution.distribute_dataset(
-        data_lib.build_dataset(cfg, train_records, training=True, batch_size=cfg.train.batch_size))
-    category_ids = getattr(val_records, "category_ids", None)
+
+def _callbacks(cfg, workdir, checkpoint_dir, distribution, val_records, steps, state, verbose):
+    """``(callbacks, evaluator or None, checkpoint manager, NaN guard)`` in the order they must run: the NaN guard,
+    validation (chief only, on one device: see DistributedFasterRCNN.predict_on_batch), the time left (its estimate
+    counts validation), checkpoints (after validation: the best one needs its AP), TensorBoard scalars."""
+    chief = distribution.is_chief
     stop_on_nan = StopOnNonFinite()
     callbacks = [stop_on_nan]
     evaluator = None
-    # Evaluation runs on the chief alone, on one device (see DistributedFasterRCNN.predict_on_batch).
     if chief and val_records and cfg.train.val_every:
-        evaluator = EvaluationCallback(cfg, val_records, class_names, category_ids, cfg.train.val_every,
-                                       cfg.train.val_max_images, image_log_dir=os.path.join(workdir, "logs", "images"))
+        evaluator = EvaluationCallback(cfg, val_records, cfg.data.classes, getattr(val_records, "category_ids", None),
+                                       cfg.train.val_every, cfg.train.val_max_images,
+                                       image_log_dir=os.path.join(workdir, "logs", "images"))
         callbacks.append(evaluator)
     if chief and verbose:
-        callbacks.append(TimeLeft(cfg.train.epochs))  # after the evaluator: its time counts
+        callbacks.append(TimeLeft(cfg.train.epochs))
     manager = checkpoints.CheckpointManager(
         checkpoint_dir, steps, every_steps=cfg.train.checkpoint_every, monitor="val_AP",
         best=state.get("best") if state else None, chief=chief,
@@ -211,26 +249,7 @@ def _train(cfg, workdir, distribution, verbose):
     callbacks.append(manager)
     if chief:
         callbacks.append(scalar_callback(os.path.join(workdir, "logs")))  # Keras' own on TensorFlow
-
-    histories = fit_resumable(
-        model, dataset, cfg.train.epochs, steps, callbacks, manager, stop_on_nan,
-        start_step=int(state["global_step"]) if state else 0, verbose=verbose,
-    )
-
-    history = {}
-    for h in histories:
-        for key, values in h.history.items():
-            history.setdefault(key, []).extend(float(v) for v in values)
-    result = {"history": history, "metrics": None, "prediction_image": None}
-    if val_records and chief:
-        metrics = evaluator.last_metrics if evaluator and evaluator.last_metrics else None
-        if metrics is None:
-            metrics, _ = evaluate_records(model, cfg, val_records, class_names, category_ids,
-                                          cfg.train.val_max_images, verbose=verbose)
-        result["metrics"] = metrics
-        evaluation.save_json(metrics, os.path.join(workdir, "val_metrics.json"))
-        result["prediction_image"] = _annotate_example(model, val_records, workdir)
-    return model, result
+    return callbacks, evaluator, manager, stop_on_nan
 
 
 def _annotate_example(model, records, workdir):

@@ -72,11 +72,9 @@ class FasterRCNN(keras.Model):
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         """The weighted sum of the four losses that ``call`` returned for a batch with ground truth."""
-        total = self.rpn_loss_weight * (y_pred["rpn_cls"] + y_pred["rpn_box"])
-        total = total + self.roi_loss_weight * (y_pred["roi_cls"] + y_pred["roi_box"])
-        for extra in self.losses:  # regularisation terms added by layers, if any
-            total = total + ops.cast(ops.sum(extra), "float32")
-        return total
+        total = (self.rpn_loss_weight * (y_pred["rpn_cls"] + y_pred["rpn_box"])
+                 + self.roi_loss_weight * (y_pred["roi_cls"] + y_pred["roi_box"]))
+        return total + sum(ops.cast(ops.sum(extra), "float32") for extra in self.losses)  # layers' terms, if any
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         for name in LOSS_NAMES:
@@ -89,8 +87,7 @@ class FasterRCNN(keras.Model):
 
     def predict_on_batch(self, x):
         """Keras' ``predict_on_batch`` of the detections: ground truth in the batch is ignored (no losses)."""
-        x = x[0] if isinstance(x, (tuple, list)) else x
-        return super().predict_on_batch({key: value for key, value in x.items() if key not in GT_KEYS})
+        return super().predict_on_batch({k: v for k, v in batch_dict(x).items() if k not in GT_KEYS})
 
     def fold_batchnorm(self):
         """Fold frozen BatchNorms into their convolutions for inference and export (same outputs to round-off;
@@ -137,6 +134,11 @@ class FasterRCNN(keras.Model):
 
     def build_from_config(self, config):
         self.build_for_inference()
+
+
+def batch_dict(data):
+    """The batch dict, also when Keras hands it over as ``(x, y, sample_weight)``."""
+    return data[0] if isinstance(data, (tuple, list)) else data
 
 
 def unpad_detections(out):

@@ -28,7 +28,7 @@ import keras
 import tensorflow as tf
 
 from frcnn.errors import TrainingError
-from frcnn.model import GT_KEYS, FasterRCNN
+from frcnn.model import GT_KEYS, FasterRCNN, batch_dict
 from frcnn.replicas import multi_worker, num_replicas, num_workers, replicas_of
 
 log = logging.getLogger(__name__)
@@ -218,8 +218,7 @@ class DistributedFasterRCNN(FasterRCNN):
         no collective operation, so under multi-worker training the chief can evaluate alone."""
         if replicas_of(self) == 1:
             return super().predict_on_batch(x)
-        x = x[0] if isinstance(x, (tuple, list)) else x
-        x = {key: tf.convert_to_tensor(value) for key, value in x.items() if key not in GT_KEYS}
+        x = {key: tf.convert_to_tensor(value) for key, value in batch_dict(x).items() if key not in GT_KEYS}
         cache = self.__dict__.setdefault("_local_predict", [])  # out of sight of Keras' attribute tracking
         if not cache:
             cache.append(tf.function(lambda batch: self(batch, training=False), reduce_retracing=True))

@@ -102,7 +102,7 @@ def _hold_lock(workdir):
 
 
 def test_second_training_run_in_a_work_directory_is_refused_and_a_killed_owner_frees_it(tmp_path, capsys):
-    from frcnn import checkpoints
+    from frcnn.workdir import own_workdir
     from frcnn.errors import TrainingError
 
     workdir = tmp_path / "run"
@@ -116,20 +116,20 @@ def test_second_training_run_in_a_work_directory_is_refused_and_a_killed_owner_f
         assert str(workdir) in err and f"process {owner.pid}" in err and "in use by another training run" in err
         assert sorted(os.listdir(workdir)) == [".lock"]  # no config.yaml, no checkpoints
         # A non-chief worker of a multi-worker run shares the chief's directory: never refused.
-        with checkpoints.own_workdir(str(workdir), chief=False):
+        with own_workdir(str(workdir), chief=False):
             pass
         with pytest.raises(TrainingError, match=f"process {owner.pid}"):
-            with checkpoints.own_workdir(str(workdir)):
+            with own_workdir(str(workdir)):
                 pass
     finally:
         owner.kill()  # SIGKILL: no cleanup code runs in the owner
         owner.wait()
         owner.stdout.close()
-    with checkpoints.own_workdir(str(workdir)):  # the kernel released the dead owner's lock
+    with own_workdir(str(workdir)):  # the kernel released the dead owner's lock
         with pytest.raises(TrainingError, match=f"process {os.getpid()}"):
-            with checkpoints.own_workdir(str(workdir)):  # and a second claim in the same process is refused too
+            with own_workdir(str(workdir)):  # and a second claim in the same process is refused too
                 pass
-    with checkpoints.own_workdir(str(workdir)):  # released on exit
+    with own_workdir(str(workdir)):  # released on exit
         pass
 
 

@@ -257,7 +257,7 @@ def test_lock_file_never_writes_through_a_planted_link(tmp_path):
 
 
 def test_workdir_folder_that_links_outside_is_refused(tmp_path):
-    from frcnn import checkpoints
+    from frcnn.workdir import own_workdir
     from frcnn.errors import TrainingError
 
     elsewhere = tmp_path / "elsewhere"
@@ -266,13 +266,13 @@ def test_workdir_folder_that_links_outside_is_refused(tmp_path):
     workdir.mkdir()
     (workdir / "checkpoints").symlink_to(elsewhere)
     with pytest.raises(TrainingError, match=r"checkpoints is a symbolic link to .*elsewhere, outside"):
-        with checkpoints.own_workdir(str(workdir)):
+        with own_workdir(str(workdir)):
             pass
     assert os.listdir(elsewhere) == []
     (workdir / "checkpoints").unlink()
     (workdir / "checkpoints").symlink_to("logs")  # a link that stays inside is the user's layout: fine
     (workdir / "logs").mkdir()
-    with checkpoints.own_workdir(str(workdir)):
+    with own_workdir(str(workdir)):
         pass
 
 
