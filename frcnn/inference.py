@@ -23,7 +23,7 @@ import numpy as np
 
 from frcnn.data import DataError, load_image
 from frcnn.evaluation import save_json
-from frcnn.fileio import DirectoryLocked, lock_directory
+from frcnn.fileio import DirectoryLocked, lock_directory, make_directory
 from frcnn.model import unpad_detections
 from frcnn.visualize import draw_detections, save_image
 
@@ -111,12 +111,10 @@ def expand_inputs(inputs):
 def check_output_dir(out_dir, json_name="detections.json"):
     """Create ``out_dir`` and make sure files can be written there, before any image is processed; raises
     ``OSError`` with a message naming the folder (or the file in the way) otherwise."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise OSError(f"--out {out_dir} exists and is not a folder")
     try:
-        os.makedirs(out_dir, exist_ok=True)
+        make_directory(out_dir)  # one line naming the path and the reason (a file in the way, read-only, ...)
     except OSError as err:
-        raise OSError(f"--out {out_dir} cannot be created ({err.strerror or err})") from None
+        raise OSError(f"--out {err}") from None
     target = os.path.join(out_dir, json_name)
     if os.path.isdir(target):
         raise OSError(f"--out {out_dir}: {target} is a folder, so {json_name} cannot be written")

@@ -59,3 +59,13 @@ def trained_shapes(tmp_path_factory):
     keras.utils.set_random_seed(0)
     model, result = engine.train(cfg, str(root / "run"), verbose=0)
     return cfg, model, result, str(root / "run")
+
+
+def tool_script(name):
+    """``tools/<name>.py`` loaded as a module (not run): what a user runs from a checkout."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

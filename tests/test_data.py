@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from frcnn import data
 from frcnn.config import config_from_dict
-from frcnn.data import DataError, imageio, numpy_pipeline, shapes, tf_pipeline
+from frcnn.data import DataError, imageio, shapes, tf_pipeline
 
 # ------------------------------------------------------------------------------------------------------- helpers
 

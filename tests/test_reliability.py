@@ -4,20 +4,18 @@ Every test builds its own small files in tmp_path and uses tiny Keras models (no
 """
 
 import dataclasses
-import importlib.util
 import json
 import os
 
 import pytest
 
+from conftest import tool_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return tool_script(name)
 
 
 # ------------------------------------------------------------------------------- defect 4: results files
@@ -318,7 +316,6 @@ def _voc_with_corrupt_png(tmp_path, n=3, bad="b"):
     """A VOC root of ``n`` noise images with one box each; image ``bad`` is a PNG whose header and IEND chunk are
     sound (so indexing keeps it) but whose pixel data is garbage."""
     import cv2
-    import numpy as np
 
     sys_path_tests()
     from test_data import make_voc, noise_image
@@ -496,7 +493,7 @@ def test_infer_checks_the_output_location_before_any_work(tmp_path, capsys):
     blocker.write_text("an existing file")
     assert infer.main([str(image), "--weights", missing_weights, "--out", str(blocker)]) == 2
     err = capsys.readouterr().err
-    assert f"--out {blocker} exists and is not a folder" in err and ".tmp-" not in err
+    assert f"--out {blocker} cannot be used as a folder: it is a file" in err and ".tmp-" not in err
     out = tmp_path / "out"
     (out / "detections.json").mkdir(parents=True)
     assert infer.main([str(image), "--weights", missing_weights, "--out", str(out)]) == 2

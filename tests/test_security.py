@@ -6,7 +6,6 @@ SIGTERM test trains configs/test.yaml in a subprocess (two short runs: about a m
 """
 
 import errno
-import importlib.util
 import json
 import logging
 import os
@@ -21,14 +20,13 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from conftest import tool_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return tool_script(name)
 
 
 # ------------------------------------------------------------------------------ 1. a .pkl must not run code
