@@ -478,7 +478,8 @@ def summary(results):
     t = results.get("tests")
     if t:
         failed = [c for c in t["cases"] if c["outcome"] in ("failed", "errors")]
-        out += [f"Backend tests on the GPU ({', '.join(FULL['tests'])}): {t['passed']} passed, {t['failed']} failed, "
+        where = "collected only (dry run)" if results["dry_run"] else "on the GPU"
+        out += [f"Backend tests {where} ({', '.join(FULL['tests'])}): {t['passed']} passed, {t['failed']} failed, "
                 f"{t['errors']} errors, {t['skipped']} skipped."]
         out += [f"- {c['outcome']}: {c['name']} ({c['seconds']:.0f} s): {c['message']}" for c in failed]
         out.append("")
