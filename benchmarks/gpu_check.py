@@ -235,6 +235,15 @@ class Runner:
         return text
 
 
+def _roomy(path, need):
+    """Whether ``path`` is a writable folder with at least ``need`` bytes free (a container's /dev/shm can be
+    64 MB)."""
+    try:
+        return os.access(path, os.W_OK) and shutil.disk_usage(path).free >= need
+    except OSError:
+        return False
+
+
 def _tail(path, lines):
     with open(path, encoding="utf-8", errors="replace") as f:
         return "".join(f.readlines()[-lines:])
@@ -342,9 +351,13 @@ def tests_job(runner):
                f"--junitxml={xml}", "-rA"]
     if runner.args.dry_run:
         command.append("--collect-only")
-    # The pytest process (on JAX) stays alive while the workers of both backends run: no JAX preallocation.
+    # The pytest process (on JAX) stays alive while the workers of both backends run: no JAX preallocation. The
+    # tools' worker builds the same model in each tool (train, resume, infer, evaluate): JAX's persistent cache
+    # lets the later ones reuse the first one's compiled programs.
     env = runner.env(KERAS_BACKEND="jax", FRCNN_TEST_DEVICE="cpu" if runner.args.dry_run else "gpu",
-                     XLA_PYTHON_CLIENT_PREALLOCATE="false")
+                     XLA_PYTHON_CLIENT_PREALLOCATE="false",
+                     JAX_COMPILATION_CACHE_DIR=os.path.join(os.path.dirname(runner.scratch), "jax-cache"),
+                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="2")
     return "tests", command, env, None
 
 
@@ -496,7 +509,7 @@ def main(argv=None):
     else:
         # On the GPU machine in memory where it can be: the shapes recipe writes a checkpoint of about 300 MB at
         # each of its 20 epoch ends, and a throwaway machine's disk is not what the run should measure.
-        shm = "/dev/shm" if not args.dry_run and os.access("/dev/shm", os.W_OK) else None
+        shm = "/dev/shm" if not args.dry_run and _roomy("/dev/shm", 8 * 2**30) else None
         workdir = tempfile.mkdtemp(prefix="frcnn-gpu-check-", dir=shm)
     runner = Runner(args, workdir)
     runner.results["workdir"] = workdir
