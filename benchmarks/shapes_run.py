@@ -78,7 +78,14 @@ def run(args):
               "steps": steps, "batch_size": cfg.train.batch_size, "mixed_precision": cfg.train.mixed_precision,
               "num_rois": cfg.roi_heads.num_rois, "completed": False}
     start = time.perf_counter()
-    ensure_shapes(cfg)
+    result["generate_s"] = result["train_s"] = 0.0
+    try:
+        ensure_shapes(cfg)
+    except KeyboardInterrupt:
+        result["generate_s"] = time.perf_counter() - start
+        result.update(stopped="interrupted while generating the data", steps_done=0, best_val_AP=None,
+                      wall_s=result["generate_s"])
+        return result
     result["generate_s"] = time.perf_counter() - start
     log(f"data ready in {result['generate_s']:.1f} s; training {steps} steps on {backend} ({result['device']})")
     start = time.perf_counter()
