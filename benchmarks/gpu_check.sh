@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_check.sh --dry-run     # the same at tiny sizes on a CPU (tests/test_gpu_check.py)
 #
 # Any other argument goes to benchmarks/gpu_check.py (--budget, --sections, --shapes-steps, --batch, --serial).
+# Exit code 1: a section failed or ran out of time (the summary at the end says which).
 # Where Keras or pycocotools is missing (the lent GPU machine has neither) and wheels lie in .whl/
 # (benchmarks/gpu_wheels.sh downloads them), they are installed into a folder of their own first; nothing else is
 # installed, and nothing is fetched (that machine has no network).

@@ -133,3 +133,7 @@ def test_command_line_refuses_unknown_sections():
         gpu_check.parse_args(["--sections", "bench_jax,nonsense"])
     args = gpu_check.parse_args(["--sections", "shapes,tests", "--shapes-steps", "1000", "--out", "x"])
     assert args.sections == ["shapes", "tests"] and args.shapes_steps == 1000 and not args.dry_run
+    status = lambda *s: {"sections": {str(i): {"status": v} for i, v in enumerate(s)}}  # noqa: E731
+    assert gpu_check.exit_code(status("ok", "skipped: torch is not installed")) == 0
+    assert gpu_check.exit_code(status("ok", "timed out after 30 s")) == 1
+    assert gpu_check.exit_code(status("failed (exit code 2)")) == 1
