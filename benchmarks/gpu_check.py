@@ -20,10 +20,10 @@ they run in this order, the timed ones (2-4) alone; the shapes training and the 
 6. ``tests``: tests/test_backends.py and tests/test_backend_tools.py on the GPU (``FRCNN_TEST_DEVICE=gpu``).
 
 The exit code is 1 when a section failed or ran out of time. Everything lands in ``--out`` (four files: what comes
-back from the device machine's ``$OUT`` is at most 8): ``gpu_check.json`` (every figure of every section, each section's status and time), ``gpu_check.md`` (the summary,
-ready for docs/NOTES.md) and ``sections.log`` (every section's output), plus ``gpu_check.log`` (this script's own,
-written by gpu_check.sh). They are rewritten after every section, so a run cut short still leaves what it
-measured.
+back from the device machine's ``$OUT`` is at most 8): ``gpu_check.json`` (every figure of every section, each
+section's status and time), ``gpu_check.md`` (the summary, ready for docs/NOTES.md) and ``sections.log`` (every
+section's output), plus ``gpu_check.log`` (this script's own, written by gpu_check.sh). They are rewritten after
+every section, so a run cut short still leaves what it measured.
 
 ``--dry-run`` (what tests/test_gpu_check.py runs on a CPU): test.yaml's model with voc.yaml's frozen norms at 64 x 64
 pixels, 8 proposals, 4 ROIs, one timed round, float32 only; a 2-step float32 shapes training at 64 pixels; the tests
