@@ -43,6 +43,10 @@ def parse_args(argv):
                              "on a GPU)")
     parser.add_argument("--xla", choices=("config", "off", "on", "both"), default="config",
                         help="train.jit_compile per variant (default: the config's value; on under JAX)")
+    parser.add_argument("--speed-paths", default=None, metavar="LIST",
+                        help="comma-separated train.speed_paths settings to compare, each its own variant, e.g. "
+                             "off,on (default: the config's); inference is timed for the first only unless the "
+                             "model's norm is group (the speed paths change the training kernels only)")
     parser.add_argument("--min-size", type=int, default=sizes.min_size, help="image height (default 600)")
     parser.add_argument("--max-size", type=int, default=sizes.max_size, help="image width (default 1000)")
     parser.add_argument("--proposals", type=int, default=sizes.proposals,
@@ -52,6 +56,9 @@ def parse_args(argv):
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per task first (default 1, min 1)")
     parser.add_argument("--repeats", type=int, default=3, help="timed interleaved rounds (default 3)")
     parser.add_argument("--matmul-size", type=int, default=2048, help="N of the N x N matmul reference (2048)")
+    parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                        help="prepare no further variant once this many seconds have passed (those left are "
+                             "reported as not measured); the timed rounds still run")
     parser.add_argument("--no-split", dest="split", action="store_false", help="skip the per-stage split")
     parser.add_argument("--json", help="also write every figure (and every timed run) to this JSON file")
     args = parser.parse_args(argv)
@@ -59,6 +66,11 @@ def parse_args(argv):
         parser.error("--warmup and --repeats must be at least 1 (the first call traces and compiles)")
     if args.min_size > args.max_size:
         parser.error("--min-size must not exceed --max-size")
+    if args.speed_paths is not None:
+        args.speed_paths = [p.strip() for p in args.speed_paths.split(",") if p.strip()]
+        unknown = sorted(set(args.speed_paths) - {"auto", "on", "off"})
+        if unknown or not args.speed_paths:
+            parser.error(f"--speed-paths takes auto, on and off, got {unknown or 'nothing'}")
     if args.precisions:
         args.precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
         unknown = sorted(set(args.precisions) - set(machine.PRECISIONS))
@@ -81,7 +93,17 @@ def choose_variants(args, cfg, info, notes):
         xla = {"off": [False], "on": [True], "both": [False, True]}[args.xla]
     if args.split and info["backend"] == "torch":
         notes.append("torch backend: the stage functions run eagerly (not compiled)")
-    return [workload.Variant(p, x) for p in precisions for x in xla]
+    speed_paths = args.speed_paths or [None]
+    # With frozen or batch norms the speed paths change only training kernels (matrix-product convolutions in
+    # training, the optimizer): inference would time the same program again. GroupNorm's written gradient also
+    # changes its forward pass.
+    infer_each = cfg.model.norm == "group"
+    if len(speed_paths) > 1 and not infer_each:
+        notes.append(f"inference timed with train.speed_paths={speed_paths[0]} only: with model.norm="
+                     f"{cfg.model.norm} the speed paths change the training step alone")
+    # Speed-path-major: every precision with the first setting, then with the next (what --time-limit keeps).
+    return [workload.Variant(p, x, s, infer=infer_each or i == 0)
+            for i, s in enumerate(speed_paths) for p in precisions for x in xla]
 
 
 def prepare_variant(cfg, variant, sizes, args):
@@ -129,6 +151,10 @@ def run(args):
 
     prepared, failed, flops = {}, {}, None
     for variant in variants:
+        if args.time_limit is not None and time.perf_counter() - start > args.time_limit:
+            log(f"{variant.name}: not measured (--time-limit {args.time_limit:g} s reached)")
+            failed[variant] = f"n/a (not measured: --time-limit {args.time_limit:g} s reached)"
+            continue
         try:
             model, tasks, seen, warm = prepare_variant(cfg, variant, sizes, args)
         except Exception as err:  # noqa: BLE001 - a variant that cannot run is reported, the others still run
@@ -155,7 +181,7 @@ def run(args):
     for variant in variants:
         if variant in failed:
             rows.append({"name": variant.name, "precision": variant.precision, "xla": variant.xla,
-                         "status": failed[variant]})
+                         "speed_paths": variant.speed_paths, "status": failed[variant]})
             continue
         tasks, seen, warm = prepared[variant]
         own = {task: dict(timings[f"{variant.name} | {task}"], warmup=warm[task]["warmup"]) for task in tasks}
@@ -176,6 +202,7 @@ def run(args):
     results = {
         "machine": info,
         "settings": {"config": args.config, "overrides": args.overrides, **vars(sizes), "padded": list(padded),
+                     "speed_paths": args.speed_paths,
                      "warmup": args.warmup, "repeats": args.repeats, "matmul_size": args.matmul_size},
         "flops": flops,
         "variants": rows,

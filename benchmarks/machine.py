@@ -5,8 +5,10 @@ Only the standard library and :mod:`frcnn.precision` (standard library only) are
 the CPU-feature parser is testable without Keras.
 """
 
+import importlib.util
 import os
 import platform
+import sys
 
 from frcnn.precision import BF16_CPU_FLAGS, cpu_flags
 
@@ -68,6 +70,13 @@ def accelerators(backend):
     return []
 
 
+def _importable(module):
+    """Whether ``module`` can be imported (installed, and not hidden by a ``None`` in ``sys.modules``)."""
+    if module in sys.modules:
+        return sys.modules[module] is not None
+    return importlib.util.find_spec(module) is not None
+
+
 def load_average():
     """The 1-minute load average: other work on the machine shows here and slows every figure."""
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -86,7 +95,8 @@ def describe():
     backend = keras.backend.backend()
     versions = {"python": platform.python_version(), "keras": keras.__version__}
     for module in ("tensorflow", "jax", "torch"):
-        if module == backend or module == "tensorflow":  # TensorFlow is the input library on every backend
+        # The backend's library, and TensorFlow wherever it is installed (tf.data feeds every backend there).
+        if module == backend or (module == "tensorflow" and _importable(module)):
             versions[module] = __import__(module).__version__
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"cpu": cpu, "usable_cores": usable, "backend": backend, "gpus": accelerators(backend),

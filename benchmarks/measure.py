@@ -81,6 +81,11 @@ class PeakMemory:
 
             if tf.config.list_physical_devices("GPU"):
                 tf.config.experimental.reset_memory_stats("GPU:0")
+        elif self.backend == "torch":
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
 
     def peak(self):
         """``{"rss_mb": host peak, "device_mb": accelerator peak or None}`` since the last :meth:`reset`."""
@@ -96,6 +101,11 @@ class PeakMemory:
             stats = jax.devices()[0].memory_stats() if jax.devices()[0].platform == "gpu" else None
             if stats and "peak_bytes_in_use" in stats:
                 device = stats["peak_bytes_in_use"] / 2**20  # JAX keeps no resettable peak: lifetime maximum
+        elif self.backend == "torch":
+            import torch
+
+            if torch.cuda.is_available():
+                device = torch.cuda.max_memory_allocated() / 2**20
         return {"rss_mb": self.rss_mb(), "device_mb": device}
 
 

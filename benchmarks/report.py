@@ -24,7 +24,8 @@ def summarize(variant, timings, flops, batch, matmul):
     """One variant's row from ``timings`` (``{task: measure.interleaved result}`` of its tasks), ``flops``
     (:func:`benchmarks.flops.count`), the batch size and its precision's matmul timing ``(result, flops)``."""
     infer, train = timings.get("infer"), timings.get("train")
-    row = {"name": variant.name, "precision": variant.precision, "xla": variant.xla, "status": None}
+    row = {"name": variant.name, "precision": variant.precision, "xla": variant.xla,
+           "speed_paths": variant.speed_paths, "status": None}
     row["infer_s"] = infer["median"] / batch if infer else None
     row["train_s"] = train["median"] if train else None
     row["infer_gflops"] = _rate(flops["inference"]["total"], infer)

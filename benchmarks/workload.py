@@ -1,8 +1,8 @@
 """What is timed: one model per variant, built by ``frcnn.build_model`` from a config, and its tasks.
 
-A variant is a precision (``train.mixed_precision``) and an XLA setting (``train.jit_compile``); nothing else
-differs between variants, and both reach the model only through the config, as they do in training. Tasks of one
-variant:
+A variant is a precision (``train.mixed_precision``), an XLA setting (``train.jit_compile``) and optionally a
+``train.speed_paths`` setting; nothing else differs between variants, and each reaches the model only through the
+config, as it does in training. Tasks of one variant:
 
 - ``infer``: ``model.predict_on_batch`` (Keras' compiled predict function) on prepared synthetic images;
 - ``train``: ``model.train_on_batch`` (Keras' compiled train step, what ``fit`` runs) on the same images with random
@@ -40,17 +40,24 @@ class Sizes:
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
+    """``speed_paths``: ``train.speed_paths`` (``None``: the config's); ``infer``: whether inference is timed too
+    (a variant that differs from another only in training kernels leaves it out)."""
+
     precision: str
     xla: bool
+    speed_paths: str = None
+    infer: bool = True
 
     @property
     def name(self):
-        return self.precision + (" +xla" if self.xla else "")
+        return (self.precision + (" +xla" if self.xla else "")
+                + (f" sp:{self.speed_paths}" if self.speed_paths else ""))
 
 
 def base_config(config, overrides, sizes):
     """The config under test (without the variant's keys): ``config`` + user ``overrides`` + the sizes, random
-    weights, a vanishing learning rate (see below). When the config lists no classes, 20 placeholder names stand in (only their number costs time)."""
+    weights, a vanishing learning rate (see below). When the config lists no classes, 20 placeholder names stand in
+    (only their number costs time)."""
     from frcnn.config import load_config
 
     # Before the user's overrides, so that --set can change it: a learning rate that leaves the random weights where
@@ -78,9 +85,11 @@ def base_config(config, overrides, sizes):
 
 
 def variant_config(cfg, variant):
-    """``cfg`` with the variant's two switches, the same keys a training run reads."""
+    """``cfg`` with the variant's switches, the same keys a training run reads."""
     train = dataclasses.replace(cfg.train, jit_compile=variant.xla,
                                 mixed_precision="off" if variant.precision == "float32" else variant.precision)
+    if variant.speed_paths:
+        train = dataclasses.replace(train, speed_paths=variant.speed_paths)
     return cfg.replace(train=train)
 
 
@@ -99,7 +108,7 @@ def synthetic_batches(cfg, sizes, seed=0):
     train = dict(
         batch,
         gt_boxes=np.where(valid[..., None], boxes, 0.0).astype(np.float32),
-        gt_classes=np.where(valid, rng.integers(1, cfg.num_classes, valid.shape), 0).astype(np.int32),
+        gt_classes=np.where(valid, rng.integers(1, cfg.num_classes, (sizes.batch, max_gt)), 0).astype(np.int32),
         gt_valid=np.repeat(valid, sizes.batch, axis=0),
         image_ids=np.arange(sizes.batch, dtype=np.int64),
     )
@@ -213,21 +222,27 @@ def train_stage_tasks(model, train_batch, rois_per_image, jit_compile, seed=0):
 
 def tasks(model, cfg, variant, sizes, split=True):
     """``({task: fn}, seen)`` of one variant, in running order: ``infer``, ``train``, then the inference stages and
-    the training stages. ``seen``
+    the training stages (without ``variant.infer``: ``train`` and the training stages only). ``seen``
     records the training loss of every step and the detections per image of every inference: with random weights
     the loss can become non-finite and the detections few, which says how much work NMS had."""
     batch, train_batch = synthetic_batches(cfg, sizes)
     seen = {"losses": [], "detections": []}
-    predictor = inference_model(model, cfg)  # inference and its stages: folded, as the tools run it
-
-    def infer():
-        seen["detections"].append(float(np.mean(predictor.predict_on_batch(batch)["num_detections"])))
 
     def train():
         seen["losses"].append(float(model.train_on_batch(train_batch, return_dict=True)["loss"]))
 
-    out = {"infer": infer, "train": train}
+    out = {}
+    predictor = None
+    if variant.infer:
+        predictor = inference_model(model, cfg)  # inference and its stages: folded, as the tools run it
+
+        def infer():
+            seen["detections"].append(float(np.mean(predictor.predict_on_batch(batch)["num_detections"])))
+
+        out["infer"] = infer
+    out["train"] = train
     if split:
-        out.update(stage_tasks(predictor, batch, variant.xla))
+        if predictor is not None:
+            out.update(stage_tasks(predictor, batch, variant.xla))
         out.update(train_stage_tasks(model, train_batch, sizes.rois, variant.xla))
     return out, seen

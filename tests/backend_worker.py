@@ -1,17 +1,20 @@
 """Runs the detector on the Keras backend of the environment (KERAS_BACKEND) and writes what it computed as JSON.
 
 Used by tests/test_backends.py, which runs it once per backend in a subprocess (Keras picks its backend at import)
-and compares the results. usage: python backend_worker.py WORKDIR
+and compares the results. usage: python backend_worker.py WORKDIR [--make-weights]
 
-WORKDIR holds ``model.weights.h5``, ``batch.npz`` (a training batch in the docs/CONTRACTS.md format) and
-``images.npz`` written by the test; the worker writes ``result_<backend>.json``:
+WORKDIR holds ``batch.npz`` (a training batch in the docs/CONTRACTS.md format) and ``images.npz`` written by the
+test, and ``model.weights.h5``, which the reference backend's run writes first (``--make-weights``: the model built
+with seed 3) and the others load. Matrix products and convolutions run in full float32 (no TF32 on a GPU: the
+backends are compared to 1e-4). The worker writes ``result_<backend>.json``:
 - ``losses``: the four losses of the batch (sampling made deterministic by the config: every candidate sampled);
 - ``detections``: ``frcnn.inference.detect`` on the images;
 - ``roi_align``: the largest difference between RoIAlign (fixed and adaptive sampling) and the NumPy reference;
 - ``nms``: whether the padded NMS keeps exactly the reference NMS's boxes on random cases;
 - ``custom_gradients``: the largest relative error of the hand-written gradients (group norm against finite
   differences of a float64 NumPy group norm, the matrix-product kernel gradient against the backend's convolution);
-- ``fit``: the losses of two training steps of ``model.fit`` (finite, the weights move).
+- ``fit``: the losses of two training steps of ``model.fit`` (finite, the weights move);
+- ``device``: where the backend computed (``cpu``, or the GPU's name).
 """
 
 import json
@@ -78,11 +81,10 @@ def _gradients(f, args):
 
         return [np.asarray(g) for g in jax.grad(f, argnums=tuple(range(len(args))))(*args)]
     if backend == "torch":
-        import torch
-
-        tensors = [torch.tensor(a, requires_grad=True) for a in args]
+        # On the device Keras computes on (a GPU where there is one).
+        tensors = [ops.convert_to_tensor(a).detach().clone().requires_grad_(True) for a in args]
         f(*tensors).backward()
-        return [t.grad.numpy() for t in tensors]
+        return [t.grad.cpu().numpy() for t in tensors]
     import tensorflow as tf
 
     tensors = [tf.constant(a) for a in args]
@@ -127,10 +129,38 @@ def check_custom_gradients():
     return worst
 
 
-def main(workdir):
+def full_float32():
+    """No TF32 in matrix products and convolutions on a GPU (a no-op on a CPU), so that backends agree to 1e-4;
+    returns where the backend computes."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        jax.config.update("jax_default_matmul_precision", "highest")
+        device = jax.devices()[0]
+        return "cpu" if device.platform == "cpu" else device.device_kind
+    if backend == "torch":
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    import tensorflow as tf
+
+    tf.config.experimental.enable_tensor_float_32_execution(False)
+    gpus = tf.config.list_logical_devices("GPU")
+    return gpus[0].name if gpus else "cpu"
+
+
+def main(workdir, make_weights=False):
+    device = full_float32()
     cfg = load_config("test.yaml", OVERRIDES)
+    weights = os.path.join(workdir, "model.weights.h5")
+    if make_weights:
+        keras.utils.set_random_seed(3)
+        build_model(cfg, load_weights=False).save_weights(weights)
     model = build_model(cfg, load_weights=False)
-    load_weights(model, os.path.join(workdir, "model.weights.h5"))
+    load_weights(model, weights)
     batch = dict(np.load(os.path.join(workdir, "batch.npz")))
     losses = {k: float(ops.convert_to_numpy(v)) for k, v in model(batch, training=True).items()}
     images = list(np.load(os.path.join(workdir, "images.npz")).values())
@@ -140,10 +170,11 @@ def main(workdir):
 
     model.compile(optimizer=optim.make_optimizer(cfg, steps_per_epoch=10))
     before = ops.convert_to_numpy(model.rpn.head.conv.kernel).copy()
-    history = model.fit(_repeat(batch), steps_per_epoch=2, epochs=1, verbose=0)
+    history = model.fit(_repeat(batch), steps_per_epoch=2, epochs=1, verbose=0, shuffle=False)
     moved = float(np.abs(ops.convert_to_numpy(model.rpn.head.conv.kernel) - before).max())
     result = {
         "backend": keras.backend.backend(),
+        "device": device,
         "losses": losses,
         "detections": detections,
         "roi_align": check_roi_align(),
@@ -156,10 +187,19 @@ def main(workdir):
 
 
 def _repeat(batch):
-    import tensorflow as tf
+    """The batch again and again: a ``tf.data`` dataset on TensorFlow (its input library), a Python generator on
+    the other backends (which need no TensorFlow)."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
 
-    return tf.data.Dataset.from_tensors(batch).repeat()
+        return tf.data.Dataset.from_tensors(batch).repeat()
+
+    def forever():  # Keras takes a generator's items as (inputs,) tuples
+        while True:
+            yield (batch,)
+
+    return forever()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], make_weights="--make-weights" in sys.argv[2:])

@@ -17,8 +17,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def test_tools_run_end_to_end_without_tensorflow(backend, tmp_path):
     if importlib.util.find_spec(backend) is None:
         pytest.skip(f"{backend} is not installed")
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="",
-               JAX_PLATFORMS="cpu")
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
+    if os.environ.get("FRCNN_TEST_DEVICE") != "gpu":  # benchmarks/gpu_check.sh runs it on the GPU
+        env.update(CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, os.path.join(HERE, "backend_tools_worker.py"), str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=1200)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]

@@ -91,6 +91,25 @@ def test_variant_changes_only_the_two_config_switches():
     assert bf16.replace(train=cfg.train) == cfg
 
 
+def test_speed_paths_are_variants_and_inference_is_timed_once_where_it_cannot_differ():
+    args = benchmark.parse_args(["--precisions", "float32,mixed_bfloat16", "--speed-paths", "off,on", "--xla", "on"])
+    assert args.speed_paths == ["off", "on"]
+    info = {"backend": "jax", "cpu": machine.parse_cpuinfo(AVX2_ONLY), "gpus": []}
+    frozen = workload.base_config("voc.yaml", [], workload.Sizes())
+    notes = []
+    variants = benchmark.choose_variants(args, frozen, info, notes)
+    assert [(v.precision, v.speed_paths, v.infer) for v in variants] == [
+        ("float32", "off", True), ("mixed_bfloat16", "off", True),
+        ("float32", "on", False), ("mixed_bfloat16", "on", False)]
+    assert variants[2].name == "float32 +xla sp:on" and any("speed_paths=off only" in n for n in notes)
+    assert workload.variant_config(frozen, variants[2]).train.speed_paths == "on"
+    # GroupNorm's written gradient changes its forward pass too: inference is timed for every setting.
+    group = workload.base_config("voc.yaml", ["model.norm=group"], workload.Sizes())
+    assert all(v.infer for v in benchmark.choose_variants(args, group, info, []))
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--speed-paths", "fast"])
+
+
 def _results():
     split = {stage: 0.1 for stage in workload.STAGES}
     return {
