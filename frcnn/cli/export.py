@@ -32,7 +32,6 @@ The model is exported in float32 (train.mixed_precision=off).
     boxes, scores, classes, num = session.run(None, {i.name: batch[i.name] for i in session.get_inputs()})
 """
 
-import sys
 import time
 
 from frcnn import cli
