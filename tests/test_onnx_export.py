@@ -111,9 +111,9 @@ def test_pad_batch_adds_zeros_bottom_right_only():
         export.pad_batch(batch, 96, 192)
 
 
-def _padded(rows):
-    """Padded detections from per-image lists of (class, score, box)."""
-    d = max(len(r) for r in rows) + 1
+def _padded(rows, d=None):
+    """Padded detections from per-image lists of (class, score, box), ``d`` rows (default: one more than needed)."""
+    d = d or max(len(r) for r in rows) + 1
     out = {"boxes": np.zeros((len(rows), d, 4), np.float32), "scores": np.zeros((len(rows), d), np.float32),
            "classes": np.zeros((len(rows), d), np.int32), "num_detections": np.asarray([len(r) for r in rows])}
     for i, row in enumerate(rows):
@@ -126,13 +126,26 @@ def test_compare_detections_takes_near_ties_in_either_order_and_names_a_differen
     a = (1, 0.5, [10, 10, 50, 50])
     b = (2, 0.5, [60, 10, 90, 40])
     report = export.compare_detections(_padded([[a, b], []]), _padded([[b, a], []]))
-    assert report == {"detections": 2, "max_box_diff": 0.0, "max_score_diff": 0.0}
+    assert report == {"detections": 2, "ties": 0, "max_box_diff": 0.0, "max_score_diff": 0.0}
     with pytest.raises(AssertionError, match=r"detections per image \[1, 0\] instead of \[2, 0\]"):
         export.compare_detections(_padded([[a, b], []]), _padded([[a], []]))
-    with pytest.raises(AssertionError, match="image 0: boxes differ by up to 1 px"):
-        export.compare_detections(_padded([[a]]), _padded([[(1, 0.5, [11, 10, 50, 50])]]))
-    with pytest.raises(AssertionError, match="no detection of class 1"):
-        export.compare_detections(_padded([[a]]), _padded([[(3, 0.5, [10, 10, 50, 50])]]))
+    with pytest.raises(AssertionError, match="detection 0 .class 1, score 0.5. has no match within 0.05 px"):
+        export.compare_detections(_padded([[a]]), _padded([[(1, 0.5, [60, 60, 90, 90])]]))
+    with pytest.raises(AssertionError, match="image 0: scores differ by up to 0.1"):
+        export.compare_detections(_padded([[a]]), _padded([[(1, 0.4, [10, 10, 50, 50])]]))
+
+
+def test_compare_detections_accepts_flipped_near_ties_only():
+    """Two overlapping candidates 1e-6 apart: NMS may keep either; a class at the cut of the D kept may change."""
+    kept = (1, 0.700001, [10, 10, 50, 50])
+    other = (1, 0.7, [12, 10, 52, 50])  # the one NMS suppressed on the other side
+    last_e, last_g = (2, 0.300001, [0, 0, 5, 5]), (3, 0.3, [70, 70, 90, 90])  # the last slot
+    report = export.compare_detections(_padded([[kept, last_e]], d=2), _padded([[other, last_g]], d=2))
+    assert report["detections"] == 2 and report["ties"] == 2
+    with pytest.raises(AssertionError, match="has no match"):  # fewer than D kept: the last one is no near-tie
+        export.compare_detections(_padded([[kept, last_e]]), _padded([[kept, last_g]]))
+    with pytest.raises(AssertionError, match="has no match"):  # a tie of one class must overlap
+        export.compare_detections(_padded([[kept]]), _padded([[(1, 0.7, [60, 60, 90, 90])]]))
 
 
 def test_export_folder_replaces_an_earlier_export_and_refuses_anything_else(tmp_path):

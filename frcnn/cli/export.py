@@ -98,8 +98,9 @@ def _export(args):
     elif "skipped" in report:
         print(f"  not checked: {report['skipped']}")
     else:
+        ties = f", {report['ties']} of them near-ties in another order" if report["ties"] else ""
         print(f"  checked with onnxruntime: {report['detections']} detections as the model's (boxes within "
-              f"{report['max_box_diff']:.2g} px, scores within {report['max_score_diff']:.2g})")
+              f"{report['max_box_diff']:.2g} px, scores within {report['max_score_diff']:.2g}{ties})")
     return 0
 
 
