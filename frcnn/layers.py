@@ -18,6 +18,7 @@ coordinate near 1000 is only good to 0.5 px). Box maths is done in float32. Writ
 """
 
 import keras
+import numpy as np
 from keras import ops
 
 from frcnn import boxes as box_ops
@@ -259,7 +260,9 @@ class DetectionLayer(NoAutocastLayer):
         kept_boxes = ops.reshape(gather_rows(by_class_boxes, index), (-1, num_fg * d, 4))  # (B, K * D, 4)
         kept_scores = ops.where(kept, gather_rows(by_class_scores[:, :, None], index)[:, :, 0], float("-inf"))
         kept_scores = ops.reshape(kept_scores, (-1, num_fg * d))  # (B, K * D)
-        kept_classes = ops.repeat(ops.arange(1, num_fg + 1, dtype="int32"), d)  # (K * D,): column k is class k + 1
+        # (K * D,): column k is class k + 1. A constant made in NumPy: torch.onnx writes ops.repeat on torch
+        # (repeat_interleave) as an ONNX Range of mixed int32 / int64, which onnxruntime refuses.
+        kept_classes = ops.convert_to_tensor(np.repeat(np.arange(1, num_fg + 1, dtype=np.int32), d))
 
         # The D best across classes, by score.
         det_scores, slot = ops.top_k(kept_scores, k=d)  # (B, D)

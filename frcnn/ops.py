@@ -44,9 +44,7 @@ def non_max_suppression(boxes, scores, valid, max_output, iou_threshold):
       ``indices (B, M) int32`` into ``K`` of the kept candidates in decreasing score (0 where padded) and
       ``kept (B, M) bool``.
 
-    Implementation: one ``while_loop`` step per kept box (at most ``M`` steps): take the first candidate still
-    alive in score order, keep it, and suppress the candidates that overlap it. Each step is ``O(B * K)``; no
-    ``K x K`` IoU matrix is ever built, so thousands of RPN candidates cost little memory.
+    Implementation: candidates sorted by score, then :func:`greedy_keep`, one ``while_loop`` step per kept box.
     """
     boxes = ops.cast(boxes, "float32")
     scores = ops.cast(scores, "float32")
@@ -59,8 +57,26 @@ def non_max_suppression(boxes, scores, valid, max_output, iou_threshold):
     count = ops.shape(boxes)[1]  # K + M: an int when static, else a scalar tensor (TensorFlow)
 
     _, order = ops.top_k(ops.where(valid, scores, float("-inf")), k=count)  # (B, K + M), decreasing score
-    sorted_boxes = gather_rows(boxes, order)
-    alive = gather_rows(valid, order)
+    keep = greedy_keep(gather_rows(boxes, order), gather_rows(valid, order), max_output, iou_threshold)
+    positions = ops.arange(count, dtype="int32")[None, :]
+    # The first M kept positions in score order: top_k of -position over the kept ones.
+    rank = ops.where(keep, -ops.cast(positions, "float32"), float("-inf"))
+    rank, slots = ops.top_k(rank, k=max_output)  # (B, M)
+    kept = rank > float("-inf")
+    indices = ops.where(kept, gather_rows(order, slots), 0)
+    return ops.cast(indices, "int32"), kept
+
+
+def greedy_keep(sorted_boxes, alive, max_output, iou_threshold):
+    """The loop of :func:`non_max_suppression`: ``(B, K, 4)`` boxes in decreasing score and ``(B, K)`` bool (the valid
+    ones) -> ``(B, K)`` bool, the kept ones (at most ``max_output`` per row).
+
+    One ``while_loop`` step per kept box (at most ``M`` steps): take the first candidate still alive in score order,
+    keep it, and suppress the candidates that overlap it. Each step is ``O(B * K)``; no ``K x K`` IoU matrix is ever
+    built, so thousands of RPN candidates cost little memory. ``frcnn.torch_export`` puts a ``torch.while_loop``
+    version in its place while it traces the model for ONNX (a loop body there must be plain torch).
+    """
+    count = ops.shape(sorted_boxes)[1]
     positions = ops.arange(count, dtype="int32")[None, :]
 
     def cond(step, keep, alive):
@@ -76,12 +92,7 @@ def non_max_suppression(boxes, scores, valid, max_output, iou_threshold):
         return step + 1, keep, alive
 
     _, keep, _ = ops.while_loop(cond, body, (0, ops.zeros_like(alive), alive))
-    # The first M kept positions in score order: top_k of -position over the kept ones.
-    rank = ops.where(keep, -ops.cast(positions, "float32"), float("-inf"))
-    rank, slots = ops.top_k(rank, k=max_output)  # (B, M)
-    kept = rank > float("-inf")
-    indices = ops.where(kept, gather_rows(order, slots), 0)
-    return ops.cast(indices, "int32"), kept
+    return keep
 
 
 # ----------------------------------------------------------------------------------------------------- RoIAlign

@@ -1,6 +1,7 @@
-"""Export a trained detector as a TensorFlow SavedModel whose signatures take images and return detections.
+"""Export a trained detector as a TensorFlow SavedModel whose signatures take images and return detections, and
+the TensorFlow backend's ONNX writer (:func:`write_onnx`, tf2onnx through Keras' ``model.export``).
 
-TensorFlow only: imported on that backend (``tools/export.py``).
+TensorFlow only: imported on that backend by :mod:`frcnn.export`, the backend-neutral entry (``tools/export.py``).
 
 Signatures (``tf.saved_model.load(path).signatures[name]``):
 
@@ -34,15 +35,13 @@ import os
 
 import tensorflow as tf
 
-from frcnn.config import ConfigError, class_name_problem, save_config
+from frcnn.config import save_config
 from frcnn.data.tf_pipeline import resize_image, resize_params_tf
-from frcnn.fileio import release_temporary, remove_orphaned_directories, temporary_directory
+from frcnn.export import check_class_names, write_export_folder
 
 SERVING_SIGNATURE = "serving_default"
 IMAGE_SIGNATURE = "detect_image"
 EXTRA_DIR = "assets.extra"  # the SavedModel convention for files that are not part of the graph
-_TMP_PREFIX = ".export-"  # the SavedModel being written, beside --out
-_OLD_PREFIX = ".old-export-"  # the SavedModel being replaced
 
 
 class DetectorModule(tf.Module):
@@ -171,25 +170,13 @@ def export_saved_model(model, out_dir, cfg=None):
     """Write ``model`` (a built, loaded :class:`frcnn.model.FasterRCNN`) as a SavedModel in ``out_dir``, with the
     resolved config ``cfg`` (when given) in ``assets.extra/config.yaml``.
 
-    The SavedModel is written beside ``out_dir`` first and moved into place, so an interrupted export leaves no
-    half-written model (and the next export removes the temporary folder of one that was killed). An existing
-    SavedModel (or empty folder) at ``out_dir`` is replaced; any other existing path is refused with
+    Written as :func:`frcnn.export.write_export_folder` writes a folder: beside ``out_dir`` first and moved into
+    place, replacing an earlier export (or empty folder) at ``out_dir`` and refusing any other existing path with
     ``FileExistsError``. Returns the absolute path.
     """
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(out_dir):
-        is_saved_model = os.path.isfile(os.path.join(out_dir, "saved_model.pb"))
-        if not os.path.isdir(out_dir) or (os.listdir(out_dir) and not is_saved_model):
-            raise FileExistsError(f"{out_dir} exists and is not a SavedModel; choose another output folder")
-    for name in list(model.class_names)[1:]:  # the background (0) is ours
-        problem = class_name_problem(name)
-        if problem:  # refused when the data is read; checked again because classes.txt holds one name per line
-            raise ConfigError(f"class name {problem}: it cannot be written one name per line")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    remove_orphaned_directories(parent, _TMP_PREFIX)  # left by an export that was killed
-    remove_orphaned_directories(parent, _OLD_PREFIX)
-    with temporary_directory(parent, _TMP_PREFIX) as tmp:
+    check_class_names(model)
+
+    def write(tmp):
         module = DetectorModule(model)
         signatures = {
             SERVING_SIGNATURE: module.serve_encoded.get_concrete_function(),
@@ -206,13 +193,29 @@ def export_saved_model(model, out_dir, cfg=None):
         if cfg is not None:
             save_config(cfg, os.path.join(extra, "config.yaml"))
             os.chmod(os.path.join(extra, "config.yaml"), 0o644)  # save_config writes through a private temp file
-        os.chmod(tmp, 0o755)  # an exported model is meant to be shared
-        if os.path.exists(out_dir):
-            with temporary_directory(parent, _OLD_PREFIX) as old:
-                os.rename(out_dir, os.path.join(old, "model"))  # a link at out_dir is moved, not followed
-                os.rename(tmp, out_dir)
-        else:
-            os.rename(tmp, out_dir)
-        release_temporary(out_dir)
-    return out_dir
 
+    return write_export_folder(out_dir, write)
+
+
+# ------------------------------------------------------------------------------------------------------- ONNX
+
+
+def write_onnx(model, path, input_size=None, opset=None):
+    """Write ``model`` as the ONNX file ``path`` through Keras' own ``model.export(format="onnx")``, which traces
+    ``call`` into a TensorFlow graph and converts it with tf2onnx; batch, height and width stay free
+    (``input_size`` must be None). Returns the opset written. The inputs and outputs are those of
+    :mod:`frcnn.export` (``ONNX_INPUTS``, ``ONNX_OUTPUTS``)."""
+    import keras
+    import onnx
+
+    if input_size is not None:
+        raise ValueError("TensorFlow's ONNX export takes any input size")
+    signature = {
+        "images": keras.InputSpec(shape=(None, None, None, 3), dtype="float32", name="images"),
+        "image_sizes": keras.InputSpec(shape=(None, 2), dtype="int32", name="image_sizes"),
+        "scales": keras.InputSpec(shape=(None,), dtype="float32", name="scales"),
+        "original_sizes": keras.InputSpec(shape=(None, 2), dtype="int32", name="original_sizes"),
+    }
+    model.export(path, format="onnx", input_signature=[signature], verbose=False, opset_version=opset)
+    proto = onnx.load(path, load_external_data=False)
+    return max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=None)
