@@ -15,7 +15,7 @@ they run in this order, the timed ones (2-4) alone; the shapes training and the 
    ``train.speed_paths`` off and on (interleaved, medians; inference once per precision, since the speed paths
    change training kernels only).
 4. ``torchvision``: benchmarks/torchvision_c4.py, the same detector from torchvision's parts, same sizes and timing.
-5. ``shapes``: benchmarks/shapes_run.py, the long shapes recipe (configs/shapes_long.yaml, ``--shapes-steps``) on
+5. ``shapes``: benchmarks/shapes_run.py, the default shapes recipe (configs/shapes.yaml, ``--shapes-steps``) on
    JAX: wall time, AP, AP50.
 6. ``tests``: tests/test_backends.py and tests/test_backend_tools.py on the GPU (``FRCNN_TEST_DEVICE=gpu``).
 
@@ -56,7 +56,7 @@ FULL = {
     "speed_paths": "off,on",
     "bench": ["--warmup", "2", "--repeats", "5", "--matmul-size", "8192", "--no-split"],
     "torchvision": ["--precisions", "float32,bfloat16", "--warmup", "2", "--repeats", "5"],
-    "shapes": ["--config", "shapes_long.yaml"],
+    "shapes": ["--config", "shapes.yaml"],
     "shapes_steps": 2000,
     "tests": ["tests/test_backends.py", "tests/test_backend_tools.py"],
     # Sections run group by group, the sections of a group side by side: the timed ones alone (nothing else on
@@ -75,7 +75,7 @@ DRY = {
     "speed_paths": "off,on",
     "bench": ["--warmup", "1", "--repeats", "1", "--matmul-size", "128", "--no-split"],
     "torchvision": ["--precisions", "float32,bfloat16", "--warmup", "1", "--repeats", "1"],
-    "shapes": ["--config", "shapes_long.yaml", "--set", "data.synthetic.num_train=4", "--set",
+    "shapes": ["--config", "shapes.yaml", "--set", "data.synthetic.num_train=4", "--set",
                "data.synthetic.num_val=2", "--set", "data.synthetic.image_size=64", "--set",
                "data.synthetic.object_size=[16,40]", "--set", "input.min_size=64", "--set", "input.max_size=64",
                "--set", "anchors.sizes=[16.0,32.0,64.0]", "--set", "roi_heads.num_rois=4", "--set",

@@ -1,4 +1,4 @@
-"""One shapes training (by default the long recipe, configs/shapes_long.yaml) with its wall time, AP and AP50.
+"""One shapes training (by default the default recipe, configs/shapes.yaml) with its wall time, AP and AP50.
 
     KERAS_BACKEND=jax python benchmarks/shapes_run.py --workdir /tmp/shapes --json shapes.json
     KERAS_BACKEND=jax python benchmarks/shapes_run.py --workdir /tmp/shapes --steps 1000    # half the steps
@@ -29,7 +29,7 @@ def log(message):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="shapes_long.yaml", help="config (default shapes_long.yaml)")
+    parser.add_argument("--config", default="shapes.yaml", help="config (default shapes.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override (repeatable)")
     parser.add_argument("--steps", type=int, help="training steps in all (default: the config's epochs x "

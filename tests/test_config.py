@@ -12,24 +12,18 @@ def test_base_yaml_restates_the_dataclass_defaults():
     assert documented == Config().to_dict()
 
 
-@pytest.mark.parametrize("name", ["voc.yaml", "voc", "coco.yaml", "shapes.yaml", "shapes_long.yaml", "test.yaml"])
+@pytest.mark.parametrize("name", ["voc.yaml", "voc", "coco.yaml", "shapes.yaml", "test.yaml"])
 def test_shipped_configs_load(name):
     cfg = load_config(name)
     assert isinstance(cfg, Config)
 
 
-def test_shapes_long_is_the_shapes_recipe_trained_longer():
-    # Only the length of training, the data it needs and the ROIs sampled per training image may differ: the same
-    # model (the same weights fit both), the same validation images.
-    short, long = load_config("shapes.yaml").to_dict(), load_config("shapes_long.yaml").to_dict()
-    differ = {(section, key) for section in short for key in short[section]
-              if short[section][key] != long[section][key]}
-    assert differ == {("data", "root"), ("data", "synthetic"), ("train", "epochs"), ("train", "lr_decay_epochs"),
-                      ("roi_heads", "num_rois")}
-    assert {k for k in short["data"]["synthetic"] if short["data"]["synthetic"][k] != long["data"]["synthetic"][k]} \
-        == {"num_train"}
-    assert long["train"]["epochs"] * long["train"]["steps_per_epoch"] == 2000
-    assert (short["roi_heads"]["num_rois"], long["roi_heads"]["num_rois"]) == (16, 32)
+def test_shapes_default_trains_2000_steps_on_as_many_images_as_it_sees():
+    cfg = load_config("shapes.yaml")
+    t = cfg.train
+    assert (t.epochs * t.steps_per_epoch, t.batch_size, cfg.roi_heads.num_rois) == (2000, 2, 32)
+    assert cfg.data.synthetic.num_train == t.epochs * t.steps_per_epoch * t.batch_size  # each image seen once
+    assert t.lr_decay_epochs == (18,) and t.epochs % t.val_every == 0  # the last epoch is validated
 
 
 def test_voc_recipe():

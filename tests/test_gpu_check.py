@@ -69,10 +69,10 @@ def test_dry_run_trains_shapes_and_collects_the_tests(dry_run):
     out, results, _ = dry_run
     shapes = results["shapes"]
     assert shapes["completed"] and shapes["steps"] == 2 and shapes["backend"] == "jax"
-    assert shapes["config"] == "shapes_long.yaml" and -1 <= shapes["AP"] <= 1 and -1 <= shapes["AP50"] <= 1
+    assert shapes["config"] == "shapes.yaml" and -1 <= shapes["AP"] <= 1 and -1 <= shapes["AP50"] <= 1
     assert shapes["train_s"] > 0 and shapes["generate_s"] >= 0
     summary = (out / "gpu_check.md").read_text()
-    assert "DRY RUN" in summary and "Shapes training (shapes_long.yaml, 2 steps" in summary
+    assert "DRY RUN" in summary and "Shapes training (shapes.yaml, 2 steps" in summary
     assert "| frcnn, jax | float32 | off |" in summary and "Speed paths, training step on / off" in summary
     assert "===== shapes =====" in (out / "sections.log").read_text()
 
@@ -111,7 +111,7 @@ def test_summary_gives_ratios_to_torchvision_and_the_speed_paths_ratio():
         "torchvision": {"machine": {"tf32": {"matmul": False, "cudnn": True}}, "notes": [], "variants": [
             {"precision": "float32", "infer_s": 0.025, "train_s": 0.1, "peak_device_train_mb": 3000.0},
             {"precision": "bfloat16", "infer_s": 0.02, "train_s": 0.05, "peak_device_train_mb": 2000.0}]},
-        "shapes": {"completed": True, "AP": 0.61, "AP50": 0.92, "config": "shapes_long.yaml", "steps": 2000,
+        "shapes": {"completed": True, "AP": 0.61, "AP50": 0.92, "config": "shapes.yaml", "steps": 2000,
                    "batch_size": 2, "num_rois": 32, "mixed_precision": "auto", "backend": "jax", "device": "H100",
                    "train_s": 150.0, "generate_s": 20.0},
         "tests": {"passed": 3, "failed": 1, "skipped": 0, "errors": 0, "cases": [
