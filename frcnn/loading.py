@@ -22,14 +22,13 @@ import zipfile
 
 from frcnn import pretrained
 from frcnn.checkpoints import BEST_WEIGHTS, LAST_WEIGHTS, intact_alternative, load_checkpoint
-from frcnn.workdir import CONFIG_NAME
 from frcnn.config import ConfigError, load_config, resolve_config_path
 from frcnn.data import DataError, resolve_classes
 from frcnn.errors import TrainingError
 from frcnn.model import build_model
+from frcnn.workdir import CONFIG_NAME
 
 log = logging.getLogger(__name__)
-
 
 
 def find_config(weights):
