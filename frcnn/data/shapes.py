@@ -21,7 +21,6 @@ import os
 
 import numpy as np
 
-from frcnn.boxes import pairwise_iou_numpy
 from frcnn.data.records import DataError, logger
 from frcnn.fileio import release_temporary, remove_orphaned_directories, temporary_directory
 
@@ -98,6 +97,14 @@ def _shape_mask(rng, cls, size, cx, cy, extent):
     return mask
 
 
+def _iou(a, b):
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
 def _bbox(mask):
     rows = np.flatnonzero(mask.any(axis=1))
     cols = np.flatnonzero(mask.any(axis=0))
@@ -126,7 +133,7 @@ def render_image(rng, size, max_objects, empty, object_size=None):
             ok = True
             for k in range(1, len(objects) + 1):
                 visible = np.count_nonzero((labels == k) & ~mask)
-                if visible < 0.6 * full_areas[k - 1] or pairwise_iou_numpy([_bbox(labels == k)], [box])[0, 0] > 0.3:
+                if visible < 0.6 * full_areas[k - 1] or _iou(_bbox(labels == k), box) > 0.3:
                     ok = False
                     break
             if ok:
