@@ -98,6 +98,8 @@ def _shape_mask(rng, cls, size, cx, cy, extent):
 
 
 def _iou(a, b):
+    # Not frcnn.boxes.pairwise_iou_numpy: frcnn.boxes imports Keras, and the data side must not (the NumPy
+    # pipeline and the dataset generators run without it).
     iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = iw * ih
