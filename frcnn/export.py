@@ -35,13 +35,13 @@ compared with the model's own (:func:`compare_detections`); a file that disagree
 
 import importlib.util
 import json
-import math
 import os
 
 import numpy as np
 
 from frcnn.config import ConfigError, class_name_problem, save_config
 from frcnn.fileio import release_temporary, remove_orphaned_directories, temporary_directory
+from frcnn.transform import padded_side
 
 FORMATS = ("saved_model", "onnx")
 ONNX_FILE = "model.onnx"
@@ -104,7 +104,7 @@ def check_format(fmt, backend):
 def padded_canvas(transform):
     """The largest padded ``(height, width)`` :meth:`ImageTransform.prepare_batch` can give: ``max_size`` rounded
     up to ``size_divisibility``, both sides."""
-    side = int(math.ceil(transform.max_size / transform.size_divisibility) * transform.size_divisibility)
+    side = padded_side(transform.size_divisibility, int(transform.max_size))
     return side, side
 
 
@@ -207,6 +207,14 @@ def check_class_names(model):
             raise ConfigError(f"class name {problem}: it cannot be written one name per line")
 
 
+def write_config(cfg, folder):
+    """The resolved config as ``folder/config.yaml``, readable by all (an export is meant to be shared;
+    ``save_config`` writes through a private temporary file)."""
+    path = os.path.join(folder, CONFIG_FILE)
+    save_config(cfg, path)
+    os.chmod(path, 0o644)
+
+
 def _write_json(path, value):
     with open(path, "w", encoding="utf-8") as f:
         json.dump(value, f, ensure_ascii=False, indent=1)
@@ -251,8 +259,7 @@ def export_onnx(model, out_dir, cfg=None, input_size=None, opset=None, check=Tru
         _add_onnx_metadata(path, meta)
         _write_json(os.path.join(tmp, META_FILE), meta)
         if cfg is not None:
-            save_config(cfg, os.path.join(tmp, CONFIG_FILE))
-            os.chmod(os.path.join(tmp, CONFIG_FILE), 0o644)  # save_config writes through a private temp file
+            write_config(cfg, tmp)
         if check:
             report.update(check_onnx(path, model, input_size))
 
@@ -314,6 +321,8 @@ def compare_detections(expected, got, box_atol=0.05, score_atol=1e-4):
     over, when all ``D`` are kept and both sides' leftovers pair up by score within ``score_atol`` at the lowest kept
     score. A "tie" of the same class must overlap (IoU >= 0.3), as the two boxes one NMS step chose between do.
     """
+    from frcnn.boxes import pairwise_iou_numpy  # frcnn.boxes imports Keras, which this module does not at import
+
     count, ties, box_diff, score_diff = 0, 0, 0.0, 0.0
     n_expected = np.asarray(expected["num_detections"]).reshape(-1)
     n_got = np.asarray(got["num_detections"]).reshape(-1)
@@ -342,7 +351,7 @@ def compare_detections(expected, got, box_atol=0.05, score_atol=1e-4):
                 box_diff = max(box_diff, float(np.abs(boxes_g[k] - boxes_e[j]).max()))
             else:
                 tied = same[(np.abs(scores_g[same] - scores_e[j]) <= score_atol)
-                            & (_iou(boxes_g[same], boxes_e[j]) >= 0.3)]  # the pair NMS chose between overlaps
+                            & (pairwise_iou_numpy(boxes_g[same], boxes_e[j:j + 1])[:, 0] >= 0.3)]  # NMS's pair overlaps
                 if not tied.size:
                     leftover.append(j)
                     continue
@@ -362,16 +371,6 @@ def compare_detections(expected, got, box_atol=0.05, score_atol=1e-4):
             ties += len(leftover)
             count += len(leftover)
     return {"detections": count, "ties": ties, "max_box_diff": box_diff, "max_score_diff": score_diff}
-
-
-def _iou(boxes, box):
-    """IoU of ``(N, 4)`` boxes with one box (NumPy)."""
-    iw = np.clip(np.minimum(boxes[:, 2], box[2]) - np.maximum(boxes[:, 0], box[0]), 0, None)
-    ih = np.clip(np.minimum(boxes[:, 3], box[3]) - np.maximum(boxes[:, 1], box[1]), 0, None)
-    inter = iw * ih
-    area = np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
-    union = area + max(box[2] - box[0], 0) * max(box[3] - box[1], 0) - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
 # ------------------------------------------------------------------------------------------------ dispatch

@@ -35,9 +35,8 @@ import os
 
 import tensorflow as tf
 
-from frcnn.config import save_config
 from frcnn.data.tf_pipeline import resize_image, resize_params_tf
-from frcnn.export import check_class_names, write_export_folder
+from frcnn.export import check_class_names, write_config, write_export_folder
 
 SERVING_SIGNATURE = "serving_default"
 IMAGE_SIGNATURE = "detect_image"
@@ -191,8 +190,7 @@ def export_saved_model(model, out_dir, cfg=None):
         with open(os.path.join(extra, "classes.json"), "w", encoding="utf-8") as f:
             json.dump(names, f, ensure_ascii=False)
         if cfg is not None:
-            save_config(cfg, os.path.join(extra, "config.yaml"))
-            os.chmod(os.path.join(extra, "config.yaml"), 0o644)  # save_config writes through a private temp file
+            write_config(cfg, extra)
 
     return write_export_folder(out_dir, write)
 

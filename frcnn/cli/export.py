@@ -35,6 +35,7 @@ The model is exported in float32 (train.mixed_precision=off).
 import time
 
 from frcnn import cli
+from frcnn.export import FORMATS
 
 
 def parse_args(argv):
@@ -42,7 +43,7 @@ def parse_args(argv):
     cli.add_weights(parser)
     cli.add_config(parser)
     parser.add_argument("--out", required=True, help="folder of the export (replaced if it holds an earlier export)")
-    parser.add_argument("--format", choices=("saved_model", "onnx"), default=None,
+    parser.add_argument("--format", choices=FORMATS, default=None,
                         help="saved_model (TensorFlow backend) or onnx (TensorFlow, PyTorch); default saved_model on "
                              "TensorFlow, onnx elsewhere")
     parser.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), default=None,
